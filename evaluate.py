@@ -1,0 +1,115 @@
+"""Evaluate a trained VQ-VAE: reconstruction error and codebook health over a whole dataset.
+
+    python evaluate.py --checkpoint runs/sample/checkpoint.pt [--data FOLDER_OR_NAME] [--split val|train|all]
+
+The model is rebuilt from the checkpoint alone (its saved config). Without --data it runs over the checkpoint's
+own validation split; with a folder it runs over every image in it (with a built-in name, over that dataset's
+validation split). The last line printed is one JSON object:
+
+- mse: mean squared error over all pixels of all images, with images and (clamped) reconstructions in [0, 1];
+- psnr: 10 * log10(1 / mse) from that pooled mse (not a mean of per-image PSNRs);
+- codebook_usage: the fraction of the K codes chosen at least once over the whole set;
+- perplexity: exp(entropy) of the code-usage distribution over the whole set (1 = one code, K = all equally);
+- num_images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from models import VQVAE, perplexity_from_counts
+
+
+@torch.no_grad()
+def evaluate(model: VQVAE, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None = None,
+             channels_last: bool = False) -> dict:
+    """Pooled metrics over every image `loader` yields (uint8 batches); the model is left in its previous mode.
+
+    Under torch.distributed the sums are added over processes, so every process returns the same numbers."""
+    was_training = model.training
+    model.eval()
+    squared_error = torch.zeros((), dtype=torch.float64, device=device)
+    counts = torch.zeros(model.quantizer.num_embeddings, dtype=torch.float64, device=device)
+    num = torch.zeros(2, dtype=torch.float64, device=device)   # images, pixel values
+    ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    for images, _ in loader:
+        if not len(images):
+            continue
+        x = images.to(device, non_blocking=True).float().div_(255)                     # (B, 3, H, W) in [0, 1]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with ctx:
+            out = model(x - 0.5)
+        reconstruction = (out.reconstruction.float() + 0.5).clamp_(0, 1)
+        squared_error += (reconstruction - x).double().pow(2).sum()
+        counts += torch.bincount(out.vq.indices.flatten(), minlength=len(counts)).double()
+        num += torch.tensor([x.shape[0], x.numel()], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        for t in (squared_error, counts, num):
+            dist.all_reduce(t)
+    model.train(was_training)
+    mse = (squared_error / num[1].clamp_min(1)).item()
+    return {
+        "mse": mse,
+        "psnr": 10 * math.log10(1 / mse) if mse > 0 else float("inf"),
+        "codebook_usage": (counts > 0).double().mean().item(),
+        "perplexity": perplexity_from_counts(counts).item(),
+        "num_images": int(num[0].item()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from image_data import DataError, build_data, eval_loader, find_images, square_image, CachedImages, \
+        DecodedImages
+    from train import CheckpointError, amp_dtype_for, load_checkpoint, pick_device, quiet_warnings
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py")
+    parser.add_argument("--data", default=None, help="image folder or sample/food101/cifar10 "
+                                                     "(default: the checkpoint's own data)")
+    parser.add_argument("--split", choices=("val", "train", "all"), default=None,
+                        help="which images (default: val; all of them for a folder given with --data)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    args = parser.parse_args(argv)
+    quiet_warnings()
+    try:
+        if args.batch_size < 1:
+            raise DataError(f"--batch-size must be at least 1, got {args.batch_size}")
+        device = pick_device(args.device)
+        model, config, _ = load_checkpoint(args.checkpoint, device)
+        data = args.data or config.data
+        is_folder = data.lower() not in ("sample", "food101", "cifar10")
+        split = args.split or ("all" if args.data and is_folder else "val")
+        if split == "all" and is_folder:
+            paths = find_images(data)
+            dataset = DecodedImages(lambda i: square_image(paths[i], config.image_size), [0] * len(paths),
+                                    [str(p) for p in paths], augment=False)
+        else:
+            splits = build_data(data, config.image_size, config.data_root, download=False,
+                                val_fraction=config.val_fraction)
+            dataset = {"val": [splits.val], "train": [splits.train], "all": [splits.train, splits.val]}[split]
+            # plain integer keys carry no augmentation seed, so training images come unflipped and uncropped
+            dataset = torch.utils.data.ConcatDataset(dataset) if len(dataset) > 1 else dataset[0]
+        loader = eval_loader(dataset, args.batch_size, num_workers=2 if not isinstance(dataset, CachedImages) else 0)
+        metrics = evaluate(model, loader, device, amp_dtype_for(config.amp, device),
+                           channels_last=device.type != "mps")
+    except (DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if metrics["num_images"] == 0:
+        print("error: none of the images could be decoded", file=sys.stderr)
+        return 2
+    print(json.dumps({"checkpoint": args.checkpoint, "data": data, "split": split, **metrics}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

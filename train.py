@@ -1,0 +1,528 @@
+"""Train a VQ-VAE (arXiv 1711.00937) on an image folder or a built-in dataset, from Python or the command line.
+
+    python train.py                                   # the built-in sample photos, default model
+    python train.py --data ~/photos --image-size 128 --steps 20000 --out runs/photos
+    python train.py --out runs/photos --resume        # continue a run from its checkpoint
+
+Everything is configured by one dataclass, `Config`; the command-line flags are its fields with dashes. The notebook
+calls the same `train(config)` function. The run folder (`--out`) receives:
+
+- config.json: the config of the run;
+- metrics.jsonl: one JSON object per logged step (training losses; `val_*` fields when validation ran);
+- checkpoint.pt: model, optimizer, step, RNG state, data variance and config, written atomically, loadable with
+  torch.load(..., weights_only=True) and enough to rebuild the model alone (`load_checkpoint`);
+- reconstructions.png: validation originals (top row) above their reconstructions (bottom row).
+
+The training objective is eq. 3 of the paper with the reconstruction term written as a normalised MSE:
+    loss = MSE(x_hat, x) / Var(training pixels) + codebook_loss + beta * commitment_loss
+Dividing the MSE by the variance of the training data, as the authors' Sonnet VQ-VAE example does, makes the
+reconstruction term independent of the data's contrast, so beta keeps its meaning across datasets.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from evaluate import evaluate
+from image_data import DataError, DataSplits, batches, build_data, default_workers, eval_loader
+from models import VQVAE
+
+CHECKPOINT_FORMAT = "vqvae-checkpoint-v1"
+
+
+@dataclass
+class Config:
+    # data
+    data: str = "sample"            # an image folder (searched recursively), or sample / food101 / cifar10
+    data_root: str = "data"         # where food101 and cifar10 are stored (and downloaded to)
+    download: bool = False          # download food101 / cifar10 into --data-root if they are missing
+    image_size: int = 64            # images are resized and centre-cropped to this square size (multiple of 4)
+    val_fraction: float = 0.1       # share of a plain folder's images held out for validation
+    # model (section 4.1 and appendix A.1 of the paper)
+    hidden_channels: int = 128      # width of the encoder and decoder convolutions
+    residual_channels: int = 32     # width inside each residual block
+    num_residual_blocks: int = 2    # residual blocks in the encoder and in the decoder
+    embedding_dim: int = 64         # D, dimension of each code
+    num_embeddings: int = 512       # K, number of codes
+    beta: float = 0.25              # commitment weight, beta in eq. 3
+    quantizer: str = "ema"          # ema (codebook by moving averages, appendix A.1) or vq (codebook loss, eq. 3)
+    decay: float = 0.99             # EMA decay gamma (ema quantizer only)
+    # optimisation
+    steps: int = 1500               # optimizer steps in total (a resumed run continues up to this number)
+    batch_size: int = 32            # images per step
+    lr: float = 2e-4                # Adam learning rate (the paper's 2e-4)
+    seed: int = 0                   # seeds the weights and the order and augmentation of batches
+    # hardware
+    device: str = "auto"            # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
+    amp: str = "auto"               # bf16 autocast: auto (on CUDA and on CPUs with native bf16), bf16, or off
+    compile: bool = False           # torch.compile the model (slow first step, faster after)
+    num_workers: int = -1           # DataLoader workers for large datasets (-1: one per core, up to 8)
+    # run folder and logging
+    out: str = "runs/sample"        # run folder: config.json, metrics.jsonl, checkpoint.pt, reconstructions.png
+    resume: bool = False            # continue from the checkpoint in --out (starts fresh if there is none)
+    overwrite: bool = False         # start again in an --out that already holds a run
+    log_every: int = 50             # steps between metrics.jsonl records
+    eval_every: int = 500           # steps between validations (and checkpoints); the last step always has one
+    progress: bool = True           # show a tqdm progress bar
+
+
+MODEL_FIELDS = ("hidden_channels", "residual_channels", "num_residual_blocks", "embedding_dim",
+                "num_embeddings", "beta", "quantizer", "decay")
+
+
+class ConfigError(ValueError):
+    """A config value the user can fix; the message is one line."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or does not match; the message is one line."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training at a step boundary, after a checkpoint was saved."""
+
+
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM only set `signum`; the training loop checks it between steps, so the
+    checkpoint it then saves never holds a half-applied optimizer step. A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class TrainResult(NamedTuple):
+    """model: the trained VQVAE (eval mode); history: every metrics.jsonl record; final: last validation
+    metrics; out: the run folder."""
+
+    model: VQVAE
+    history: list[dict]
+    final: dict
+    out: Path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config, device, model
+
+
+def check_config(c: Config) -> None:
+    positive = ("steps", "batch_size", "hidden_channels", "residual_channels", "num_residual_blocks",
+                "embedding_dim", "num_embeddings", "log_every", "eval_every")
+    for name in positive:
+        if getattr(c, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(c, name)}")
+    if c.hidden_channels < 2:
+        raise ConfigError(f"--hidden-channels must be at least 2, got {c.hidden_channels}")
+    if not (c.lr > 0 and math.isfinite(c.lr)):
+        raise ConfigError(f"--lr must be a positive number, got {c.lr}")
+    if c.beta < 0:
+        raise ConfigError(f"--beta must be non-negative, got {c.beta}")
+    if c.quantizer not in ("ema", "vq"):
+        raise ConfigError(f"--quantizer must be ema or vq, got {c.quantizer!r}")
+    if not 0 <= c.decay < 1:
+        raise ConfigError(f"--decay must be in [0, 1), got {c.decay}")
+    if c.amp not in ("auto", "bf16", "off"):
+        raise ConfigError(f"--amp must be auto, bf16 or off, got {c.amp!r}")
+    if c.image_size < 4 or c.image_size % 4:
+        raise ConfigError(f"--image-size must be a positive multiple of 4 (the encoder downsamples by 4), "
+                          f"got {c.image_size}")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """auto: CUDA if present, then Apple MPS, then the CPU. An explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but CUDA is not available here: use --device auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps was asked for but Apple MPS is not available here: use --device auto")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unsupported --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AVX-512 BF16, AMX), where bf16 convolutions are faster than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for the encoder and decoder (the quantizer always runs in float32), or None."""
+    if amp == "off" or device.type == "mps":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def model_args(c: Config) -> dict:
+    return {name: getattr(c, name) for name in MODEL_FIELDS}
+
+
+def build_model(c: Config) -> VQVAE:
+    return VQVAE(**model_args(c))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temporary file in the same folder, flush it to disk, then rename over `path`: a crash during
+    the save leaves the previous file intact."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_checkpoint(path: Path, model: VQVAE, optimizer: torch.optim.Optimizer, step: int, config: Config,
+                    data_variance: float, elapsed: float, metrics: dict | None = None) -> None:
+    atomic_save({
+        "format": CHECKPOINT_FORMAT,
+        "config": asdict(config),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "data_variance": data_variance,
+        "elapsed": elapsed,
+        "metrics": metrics or {},
+    }, path)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint dict safely (weights_only: a file that carries code is refused, never run)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: pass the checkpoint.pt of a run folder")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            reason = "it holds objects other than tensors and plain values, so it was refused unread"
+        raise CheckpointError(f"cannot load checkpoint {path}: {reason[:200]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint written by this repo's train.py")
+    return ckpt
+
+
+def config_from_dict(d: dict) -> Config:
+    known = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in d.items() if k in known})
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[VQVAE, Config, dict]:
+    """Rebuild the model from a checkpoint file alone: (model in eval mode on `device`, its config, the dict)."""
+    ckpt = read_checkpoint(path)
+    config = config_from_dict(ckpt["config"])
+    model = build_model(config)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: the weights do not match the model its config describes "
+                              f"({str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err})"
+                              ) from None
+    return model.to(device).eval(), config, ckpt
+
+
+def check_resume_matches(saved: Config, current: Config, path: Path) -> None:
+    """A resumed run must build the same model on the same data; name the first field that differs."""
+    for name in (*MODEL_FIELDS, "data", "image_size", "batch_size", "seed"):
+        if getattr(saved, name) != getattr(current, name):
+            raise CheckpointError(f"{path} was trained with --{name.replace('_', '-')} {getattr(saved, name)}, "
+                                  f"not {getattr(current, name)}: resume with the same value or use another --out")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def save_reconstructions(model: VQVAE, images: torch.Tensor, path: Path, device: torch.device,
+                         amp_dtype: torch.dtype | None) -> None:
+    """Originals (top row) above their reconstructions (bottom row), as a PNG."""
+    import torchvision
+
+    was_training = model.training
+    model.eval()
+    ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    with torch.no_grad(), ctx:
+        x = images.to(device).float() / 255
+        reconstruction = (model(x - 0.5).reconstruction.float() + 0.5).clamp(0, 1)
+    model.train(was_training)
+    grid = torchvision.utils.make_grid(torch.cat([x, reconstruction]).cpu(), nrow=len(x), padding=2, pad_value=1.0)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    torchvision.utils.save_image(grid, tmp)
+    os.replace(tmp, path)
+
+
+def prepare_out(c: Config) -> tuple[Path, dict | None]:
+    """Create the run folder; return it and the checkpoint to resume from (or None)."""
+    out = Path(c.out).expanduser()
+    ckpt_path = out / "checkpoint.pt"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"cannot write to --out {out}: {err.strerror or err}") from None
+    if ckpt_path.exists() and c.resume:
+        ckpt = read_checkpoint(ckpt_path)
+        check_resume_matches(config_from_dict(ckpt["config"]), c, ckpt_path)
+        return out, ckpt
+    if ckpt_path.exists() and not c.overwrite:
+        step = ""
+        try:
+            step = f" (step {read_checkpoint(ckpt_path)['step']})"
+        except CheckpointError:
+            pass
+        raise ConfigError(f"{out} already holds a run{step}: pass --resume to continue it, --overwrite to start "
+                          f"again, or another --out")
+    if c.overwrite:
+        for name in ("checkpoint.pt", "metrics.jsonl", "reconstructions.png"):
+            (out / name).unlink(missing_ok=True)
+    return out, None
+
+
+def trim_metrics(path: Path, last_step: int) -> list[dict]:
+    """Keep the records up to `last_step` (a run killed after logging but before its checkpoint is resumed
+    from the checkpoint, so later records would be repeated)."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [r for r in records if r.get("step", 0) <= last_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def train(config: Config, callback: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train a VQ-VAE as `config` says; `callback(record)` sees every metrics record as it is written."""
+    from tqdm.auto import tqdm
+
+    c = config
+    check_config(c)
+    device = pick_device(c.device)
+    amp_dtype = amp_dtype_for(c.amp, device)
+    channels_last = device.type != "mps"
+    out, resume_from = prepare_out(c)
+    torch.manual_seed(c.seed)
+
+    workers = default_workers() if c.num_workers < 0 else c.num_workers
+    data: DataSplits = build_data(c.data, c.image_size, c.data_root, c.download, c.val_fraction,
+                                  num_workers=workers)
+    model = build_model(c).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
+    start_step, elapsed, variance = 0, 0.0, data.variance
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        optimizer.load_state_dict(resume_from["optimizer"])
+        start_step, elapsed = resume_from["step"], resume_from["elapsed"]
+        variance = resume_from["data_variance"]   # the normaliser the run started with
+        torch.set_rng_state(resume_from["rng"]["torch"])
+        if device.type == "cuda" and resume_from["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(resume_from["rng"]["cuda"])
+    (out / "config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
+    metrics_path = out / "metrics.jsonl"
+    history = trim_metrics(metrics_path, start_step) if resume_from is not None else []
+    if resume_from is None:
+        metrics_path.write_text("")
+
+    forward = torch.compile(model) if c.compile else model
+    ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    pin = device.type == "cuda"
+    train_batches = batches(data.train, c.batch_size, c.seed, start_step, workers, pin)
+    val_loader = eval_loader(data.val, max(c.batch_size, 64), workers, pin)
+    preview = next(iter(eval_loader(data.val, 8)))[0]
+
+    def validate() -> dict:
+        return evaluate(model, val_loader, device, amp_dtype, channels_last)
+
+    def checkpoint(step: int, metrics: dict | None = None) -> None:
+        save_checkpoint(out / "checkpoint.pt", model, optimizer, step, c, variance, elapsed, metrics)
+
+    def log(record: dict) -> None:
+        history.append(record)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if callback is not None:
+            callback(record)
+
+    final: dict = dict(resume_from["metrics"]) if resume_from is not None else {}
+    if start_step >= c.steps:
+        print(f"{out} is already at step {start_step} of {c.steps}: raise --steps to train further")
+    bar = tqdm(total=c.steps, initial=start_step, desc="training", disable=not c.progress, dynamic_ncols=True)
+    sums = torch.zeros(4, dtype=torch.float64)   # loss, reconstruction loss, commitment loss, perplexity
+    pending: list[torch.Tensor] = []
+    since_log, tick = 0, time.perf_counter()
+    model.train()
+    step = start_step
+    with StopOnSignal() as stop:
+        while step < c.steps:
+            images, _ = next(train_batches)
+            x = images.to(device, non_blocking=True).float().div_(255).sub_(0.5)   # (B, 3, H, W) in [-0.5, 0.5]
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with ctx:
+                out_ = forward(x)
+                reconstruction_loss = F.mse_loss(out_.reconstruction.float(), x) / variance
+                loss = reconstruction_loss + out_.vq.loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            since_log += 1
+            # keep the per-step numbers on the device and look at them every 10 steps (no GPU sync every step)
+            pending.append(torch.stack([loss, reconstruction_loss, out_.vq.commitment_loss,
+                                        out_.vq.perplexity]).detach().float())
+            bar.update(1)
+            evaluate_now = step % c.eval_every == 0 or step == c.steps
+            if len(pending) == 10 or step % c.log_every == 0 or evaluate_now:
+                block = torch.stack(pending).double().cpu()              # (steps, 4)
+                bad = (~torch.isfinite(block[:, 0])).nonzero()
+                if len(bad):
+                    raise FloatingPointError(f"the loss became {block[bad[0, 0], 0].item()} at step "
+                                             f"{step - len(block) + 1 + bad[0, 0].item()}")
+                sums += block.sum(0)
+                pending.clear()
+                bar.set_postfix(loss=f"{sums[0].item() / since_log:.3f}",
+                                recon=f"{sums[1].item() / since_log:.3f}",
+                                perplexity=f"{sums[3].item() / since_log:.0f}", refresh=False)
+            if step % c.log_every == 0 or evaluate_now:
+                now = time.perf_counter()
+                elapsed += now - tick
+                record = {"step": step, "loss": sums[0].item() / since_log,
+                          "recon_loss": sums[1].item() / since_log, "commitment_loss": sums[2].item() / since_log,
+                          "perplexity": sums[3].item() / since_log,
+                          "images_per_s": since_log * c.batch_size / max(now - tick, 1e-9),
+                          "elapsed_s": round(elapsed, 2)}
+                if evaluate_now:
+                    final = validate()
+                    record.update({f"val_{k}": v for k, v in final.items()})
+                    save_reconstructions(model, preview, out / "reconstructions.png", device, amp_dtype)
+                    checkpoint(step, final)
+                    bar.write(f"step {step}: val PSNR {final['psnr']:.2f} dB, codebook usage "
+                              f"{final['codebook_usage']:.1%}, perplexity {final['perplexity']:.1f}")
+                log(record)
+                sums.zero_()
+                since_log, tick = 0, time.perf_counter()
+            if stop.signum is not None:
+                bar.close()
+                checkpoint(step, final)
+                raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} at step {step}; checkpoint saved. "
+                                  f"Resume with: python train.py --out {out} --resume")
+    bar.close()
+    if not final:
+        final = validate()
+    return TrainResult(model.eval(), history, final, out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def field_help() -> dict[str, str]:
+    """The one-line comment beside each Config field, used as its --help text."""
+    source = inspect.getsource(Config)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", source, re.M)}
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """--key value flags built from the Config fields (booleans as --flag / --no-flag)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = field_help()
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            parser.add_argument(flag, type=kind, default=f.default, help=helps.get(f.name))
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def quiet_warnings() -> None:
+    """Show warnings as one plain line ("warning: ...") rather than with a source location."""
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_warnings()
+    config = parse_args(argv)
+    try:
+        result = train(config)
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:
+        print(f"error: {err}; the last good checkpoint is kept in {config.out}. Try a lower --lr.", file=sys.stderr)
+        return 1
+    except Interrupted as err:
+        print(f"\n{err}", file=sys.stderr)
+        return 130
+    f = result.final
+    print(f"done: {result.out} | val PSNR {f['psnr']:.2f} dB | MSE {f['mse']:.5f} | codebook usage "
+          f"{f['codebook_usage']:.1%} | perplexity {f['perplexity']:.1f} | {f['num_images']} validation images")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

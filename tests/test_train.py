@@ -1,0 +1,126 @@
+"""train.py and evaluate.py: run folder contents, checkpoint round trip, exact resume, pooled metrics."""
+import json
+import math
+from dataclasses import asdict, replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import train
+from image_data import build_data
+from train import Config
+
+
+def tiny_config(out, **kw) -> Config:
+    c = Config(data="sample", image_size=16, steps=6, batch_size=4, hidden_channels=8, residual_channels=4,
+               num_residual_blocks=1, embedding_dim=4, num_embeddings=16, eval_every=3, log_every=1, lr=1e-3,
+               out=str(out), progress=False, device="cpu", amp="off")
+    return replace(c, **kw)
+
+
+def test_run_folder_contents(tmp_path):
+    c = tiny_config(tmp_path / "run")
+    result = train.train(c)
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text()) == asdict(c)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for r in records:
+        assert {"loss", "recon_loss", "commitment_loss", "perplexity"} <= r.keys()
+        assert math.isfinite(r["loss"])
+    assert [r["step"] for r in records if "val_psnr" in r] == [3, 6]
+    assert records[-1]["val_psnr"] == pytest.approx(result.final["psnr"])
+    # reconstructions.png: a row of 8 validation originals above a row of their reconstructions
+    png = Image.open(run / "reconstructions.png")
+    assert png.size == (2 + 8 * (16 + 2), 2 + 2 * (16 + 2))
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["config"] == asdict(c)
+    assert {"model", "optimizer", "rng", "data_variance"} <= ckpt.keys()
+    assert "quantizer.embedding" in ckpt["model"] and "quantizer.cluster_size" in ckpt["model"]
+
+
+def test_checkpoint_rebuilds_the_model_alone(tmp_path):
+    result = train.train(tiny_config(tmp_path / "run", quantizer="vq"))
+    model, config, _ = train.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert config.quantizer == "vq" and config.num_embeddings == 16
+    for (k, a), (k2, b) in zip(result.model.state_dict().items(), model.state_dict().items()):
+        assert k == k2 and torch.equal(a.cpu(), b), k
+    x = torch.rand(2, 3, 16, 16) - 0.5
+    assert torch.equal(result.model.cpu()(x).reconstruction, model(x).reconstruction)
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train.train(tiny_config(tmp_path / "a", steps=8, eval_every=4))
+    train.train(tiny_config(tmp_path / "b", steps=4, eval_every=4))
+    resumed = train.train(tiny_config(tmp_path / "b", steps=8, eval_every=4, resume=True))
+    for (k, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_resume_drops_records_after_the_checkpoint(tmp_path):
+    train.train(tiny_config(tmp_path / "run", steps=4, eval_every=2))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:   # as if the run was killed after logging step 5 but before checkpointing it
+        f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n")
+    train.train(tiny_config(tmp_path / "run", steps=6, eval_every=2, resume=True))
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_existing_run_is_never_overwritten_silently(tmp_path):
+    train.train(tiny_config(tmp_path / "run", steps=2, eval_every=2))
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with pytest.raises(train.ConfigError, match="--resume"):
+        train.train(tiny_config(tmp_path / "run", steps=2, eval_every=2))
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
+def test_evaluate_cli_pooled_metrics_match_an_independent_computation(tmp_path, capsys):
+    train.train(tiny_config(tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    assert evaluate.main(["--checkpoint", str(ckpt), "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"mse", "psnr", "codebook_usage", "perplexity", "num_images"} <= report.keys()
+    # independent: per image in NumPy float64, pooled over all pixels of the validation split
+    model, config, _ = train.load_checkpoint(ckpt)
+    val = build_data("sample", 16).val
+    total, count, used = 0.0, 0, set()
+    for i in range(len(val)):
+        image = val[i][0]
+        x = image.float().unsqueeze(0) / 255
+        with torch.no_grad():
+            out = model(x - 0.5)
+        y = np.clip(out.reconstruction.double().numpy() + 0.5, 0, 1)
+        total += float(((y - x.double().numpy()) ** 2).sum())
+        count += x.numel()
+        used |= set(out.vq.indices.flatten().tolist())
+    mse = total / count
+    assert report["num_images"] == len(val)
+    assert report["mse"] == pytest.approx(mse, rel=1e-5)
+    assert report["psnr"] == pytest.approx(10 * math.log10(1 / mse), rel=1e-5)
+    assert report["codebook_usage"] == pytest.approx(len(used) / config.num_embeddings)
+    assert 1.0 <= report["perplexity"] <= len(used) + 1e-6
+
+
+def test_evaluate_on_a_folder_uses_every_image(tmp_path, capsys):
+    train.train(tiny_config(tmp_path / "run", steps=2, eval_every=2))
+    folder = tmp_path / "photos" / "nested"
+    folder.mkdir(parents=True)
+    for i in range(5):
+        Image.fromarray(np.full((20, 30, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--data",
+                          str(tmp_path / "photos"), "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["num_images"] == 5
+
+
+def test_cli_flags_come_from_the_config_fields():
+    c = train.parse_args(["--image-size", "32", "--batch-size", "8", "--lr", "0.001", "--no-progress",
+                          "--quantizer", "vq", "--data", "some/folder"])
+    assert (c.image_size, c.batch_size, c.lr, c.progress, c.quantizer, c.data) == (32, 8, 1e-3, False, "vq",
+                                                                                   "some/folder")
+    helps = train.field_help()
+    assert set(helps) == {f for f in asdict(Config())}

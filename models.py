@@ -1,9 +1,10 @@
 """VQ-VAE, from "Neural Discrete Representation Learning" (van den Oord, Vinyals, Kavukcuoglu, 2017,
 arXiv 1711.00937).
 
-- `Encoder` / `Decoder`: the image architecture of section 4.1 (two 4x4 stride-2 convolutions, a 3x3
-  convolution and a stack of residual blocks ReLU-3x3-ReLU-1x1; the decoder mirrors it with two 4x4 stride-2
-  transposed convolutions). A 32x32 image becomes an 8x8 grid of D-dimensional vectors.
+- `Encoder` / `Decoder`: the image architecture of section 4.1 (two 4x4 stride-2 convolutions and residual
+  blocks ReLU-3x3-ReLU-1x1; the decoder mirrors it with two 4x4 stride-2 transposed convolutions), with the
+  3x3 convolution before the residual stack and the 1x1 projection to D that the authors' Sonnet example adds.
+  A 32x32 image becomes an 8x8 grid of D-dimensional vectors.
 - `VectorQuantizer`: the nearest-neighbour bottleneck of eq. 1-2, trained with the last two terms of eq. 3:
   codebook loss ||sg[z_e] - e||^2 plus beta times commitment loss ||z_e - sg[e]||^2, and the straight-through
   estimator for the encoder's gradient.
@@ -33,8 +34,8 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, channels: int, residual_channels: int):
         super().__init__()
-        self.conv3 = nn.Conv2d(channels, residual_channels, kernel_size=3, padding=1, bias=False)
-        self.conv1 = nn.Conv2d(residual_channels, channels, kernel_size=1, bias=False)
+        self.conv3 = nn.Conv2d(channels, residual_channels, kernel_size=3, padding=1)
+        self.conv1 = nn.Conv2d(residual_channels, channels, kernel_size=1)
 
     def forward(self, h: Tensor) -> Tensor:
         return h + self.conv1(F.relu(self.conv3(F.relu(h))))
@@ -161,7 +162,7 @@ def flatten_latents(z: Tensor) -> Tensor:
     return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
 
 
-def unflatten_latents(flat: Tensor, shape: torch.Size) -> Tensor:
+def unflatten_latents(flat: Tensor, shape: tuple[int, ...]) -> Tensor:
     """(B*H*W, D) -> (B, D, H, W), the inverse of `flatten_latents` (the result is channels-last in memory)."""
     b, d, h, w = shape
     return flat.view(b, h, w, d).permute(0, 3, 1, 2)
@@ -183,11 +184,21 @@ class _Quantizer(nn.Module):
         flat = F.embedding(indices.reshape(-1), self.codebook)                    # (B*H*W, D)
         return unflatten_latents(flat, (*indices.shape[:1], self.embedding_dim, *indices.shape[1:]))
 
-    def _search(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """z (B, D, H, W) -> (flat z in float32 (N, D), indices (N,), nearest codes (N, D))."""
+    def _flat(self, z: Tensor) -> Tensor:
+        """z (B, D, H, W) -> float32 (B*H*W, D), checking D."""
         if z.dim() != 4 or z.shape[1] != self.embedding_dim:
             raise ValueError(f"expected z of shape (B, {self.embedding_dim}, H, W), got {tuple(z.shape)}")
-        flat = flatten_latents(z).float()                                         # (B*H*W, D)
+        return flatten_latents(z).float()                                         # (B*H*W, D)
+
+    @torch.no_grad()
+    def nearest_indices(self, z: Tensor) -> Tensor:
+        """z (B, D, H, W) -> (B, H, W) indices of the nearest codes (eq. 1), in float32; changes nothing."""
+        with torch.autocast(z.device.type, enabled=False):
+            return nearest_code(self._flat(z), self.codebook).view(z.shape[0], z.shape[2], z.shape[3])
+
+    def _search(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """z (B, D, H, W) -> (flat z in float32 (N, D), indices (N,), nearest codes (N, D))."""
+        flat = self._flat(z)                                                      # (B*H*W, D)
         indices = nearest_code(flat.detach(), self.codebook.detach())              # (B*H*W,)
         codes = F.embedding(indices, self.codebook)                               # (B*H*W, D)
         return flat, indices, codes
@@ -331,10 +342,7 @@ class VQVAE(nn.Module):
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) images -> (B, H/4, W/4) code indices. Never updates the codebook."""
-        z = self.encoder(x)
-        with torch.autocast(z.device.type, enabled=False):
-            return nearest_code(flatten_latents(z).float(), self.quantizer.codebook).view(
-                z.shape[0], z.shape[2], z.shape[3])
+        return self.quantizer.nearest_indices(self.encoder(x))
 
     @torch.no_grad()
     def decode(self, indices: Tensor) -> Tensor:

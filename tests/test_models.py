@@ -240,7 +240,8 @@ def test_residual_block_is_relu_conv3_relu_conv1_plus_identity():
     stack = ResidualStack(6, 3, 1)
     block = stack.blocks[0]
     h = torch.randn(1, 6, 5, 5)
-    by_hand = h + F.conv2d(F.relu(F.conv2d(F.relu(h), block.conv3.weight, padding=1)), block.conv1.weight)
+    inner = F.relu(F.conv2d(F.relu(h), block.conv3.weight, block.conv3.bias, padding=1))
+    by_hand = h + F.conv2d(inner, block.conv1.weight, block.conv1.bias)
     torch.testing.assert_close(stack(h), F.relu(by_hand))
 
 

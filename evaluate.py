@@ -68,7 +68,7 @@ def evaluate(model: VQVAE, loader: DataLoader, device: torch.device, amp_dtype: 
 def main(argv: list[str] | None = None) -> int:
     from image_data import DataError, build_data, eval_loader, find_images, square_image, CachedImages, \
         DecodedImages
-    from train import CheckpointError, amp_dtype_for, load_checkpoint, pick_device, quiet_warnings
+    from train import CheckpointError, ConfigError, amp_dtype_for, load_checkpoint, pick_device, quiet_warnings
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py")
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         loader = eval_loader(dataset, args.batch_size, num_workers=2 if not isinstance(dataset, CachedImages) else 0)
         metrics = evaluate(model, loader, device, amp_dtype_for(config.amp, device),
                            channels_last=device.type != "mps")
-    except (DataError, CheckpointError) as err:
+    except (DataError, CheckpointError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if metrics["num_images"] == 0:

@@ -66,16 +66,21 @@ def check_image_size(image_size: int) -> None:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB: EXIF rotation applied, alpha composited on white, 16-bit and float scaled to 8 bits."""
+    """Any PIL mode -> RGB: EXIF rotation applied, transparency (an alpha channel, or a PNG's transparent colour)
+    composited on white, 16-bit images scaled by their bit depth (65535 -> 255), float images read as [0, 1]."""
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         a = np.asarray(img, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo) * 255.0
-        img = Image.fromarray(a.round().astype(np.uint8), mode="L")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGBa"):
+        if img.mode == "F":
+            a = a * 255.0 if a.max() <= 1.0 else a
+        elif img.mode != "I" or a.max() > 255:   # 16-bit data ("I" holds 8-bit values for some files)
+            a = a / 257.0
+        img = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8), mode="L")
+    if "transparency" in img.info and img.mode in ("P", "L", "LA", "RGB"):
+        img = img.convert("RGBA")
+    elif img.mode == "P":
+        img = img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
@@ -313,10 +318,13 @@ def decode_all(dataset: DecodedImages, num_workers: int, desc: str) -> CachedIma
 
     loader = DataLoader(dataset, batch_size=64, num_workers=num_workers, collate_fn=collate)
     images, labels = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=len(dataset) < 2000):
-        if len(x):
-            images.append(x)
-            labels.append(y)
+    # the bar is updated by hand: tqdm.auto's asyncio class would open a second iterator (and decode twice)
+    with tqdm(total=len(loader), desc=desc, leave=False, disable=len(dataset) < 2000) as bar:
+        for x, y in loader:
+            if len(x):
+                images.append(x)
+                labels.append(y)
+            bar.update(1)
     if not images:
         raise DataError(f"none of the {len(dataset)} images for {desc} could be decoded: check the files")
     return CachedImages(torch.cat(images), torch.cat(labels), dataset.augment)

@@ -478,25 +478,27 @@ def train(config: Config, callback: Callable[[dict], None] | None = None) -> Tra
 # Command line
 
 
-def field_help() -> dict[str, str]:
-    """The one-line comment beside each Config field, used as its --help text."""
-    source = inspect.getsource(Config)
+def field_help(cls: type = Config) -> dict[str, str]:
+    """The one-line comment beside each field of the dataclass `cls` (Config by default), used as its --help."""
+    source = inspect.getsource(cls)
     return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", source, re.M)}
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    """--key value flags built from the Config fields (booleans as --flag / --no-flag)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def parse_args(argv: list[str] | None = None, cls: type = Config):
+    """--key value flags built from the fields of the dataclass `cls` (Config by default; booleans as --flag /
+    --no-flag); the description is the first paragraph of the docstring of the module that defines `cls`."""
+    doc = sys.modules[cls.__module__].__doc__ or ""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    helps = field_help()
-    for f in dataclasses.fields(Config):
+    helps = field_help(cls)
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             parser.add_argument(flag, type=kind, default=f.default, help=helps.get(f.name))
-    return Config(**vars(parser.parse_args(argv)))
+    return cls(**vars(parser.parse_args(argv)))
 
 
 def quiet_warnings() -> None:

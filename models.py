@@ -18,7 +18,7 @@ its memory is bounded whatever the number of vectors times codes.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -168,27 +168,111 @@ def unflatten_latents(flat: Tensor, shape: tuple[int, ...]) -> Tensor:
     return flat.view(b, h, w, d).permute(0, 3, 1, 2)
 
 
-class _Quantizer(nn.Module):
-    """What the two quantizers share: the lookup from indices, and the float32 search under autocast."""
+def l2norm(x: Tensor) -> Tensor:
+    return F.normalize(x, dim=-1, eps=1e-6)
 
-    num_embeddings: int
-    embedding_dim: int
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _gather_rows(x: Tensor) -> Tensor:
+    """(n, d) on each process -> (sum of n, d) on every process (rows of all processes, rank order)."""
+    if not _distributed():
+        return x
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, x.shape[1], dtype=x.dtype, device=x.device)
+    padded[:x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def _same_everywhere(x: Tensor) -> Tensor:
+    """Rank 0's value of x on every process (a no-op without torch.distributed)."""
+    if _distributed():
+        dist.broadcast(x, src=0)
+    return x
+
+
+@torch.no_grad()
+def kmeans(x: Tensor, k: int, iterations: int = 10, cosine: bool = False) -> tuple[Tensor, Tensor]:
+    """Lloyd's k-means on the rows of x (N, d): (centres (k, d), cluster sizes (k,)).
+
+    Centres start at k distinct random rows (with repeats if N < k); an empty cluster keeps its centre. With
+    `cosine` the centres are renormalised after each update (spherical k-means)."""
+    start = torch.randperm(x.shape[0], device=x.device)[:k] if x.shape[0] >= k else \
+        torch.randint(x.shape[0], (k,), device=x.device)
+    centres = x[start].clone()
+    for _ in range(iterations):
+        assign = nearest_code(x, centres)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
+        if cosine:
+            centres = l2norm(centres)
+    return centres, torch.bincount(nearest_code(x, centres), minlength=k).to(x.dtype)
+
+
+class _Quantizer(nn.Module):
+    """What the two vector quantizers share.
+
+    - The nearest-code search in float32 under autocast, and the lookup from indices.
+    - `cosine`: l2-normalised codes and inputs, so the nearest code is the one with the highest cosine similarity
+      (the "l2-normalized codes" of ViT-VQGAN, Yu et al. 2021, arXiv 2110.04627).
+    - `lookup_dim`: a low-dimensional lookup: z is projected from D to lookup_dim dimensions, the codebook lives
+      there, and the chosen code is projected back to D (ViT-VQGAN's "factorized codes").
+    - `kmeans_init`: the codebook starts from k-means (10 Lloyd iterations) on the encoder outputs of the first
+      training batch (of all processes), as proposed in SoundStream (Zeghidour et al. 2021, arXiv 2107.03312).
+    - `restart_threshold`: a code whose recent use (its EMA count, or for the plain quantizer an EMA of its
+      per-batch count, decay 0.99) falls below the threshold is moved onto a randomly chosen current encoder
+      output, with its statistics reset to match (as in Jukebox, Dhariwal et al. 2020, arXiv 2005.00341).
+    Under torch.distributed, k-means and restarts use every process's encoder outputs, and the random choices
+    are made on rank 0 and broadcast, so every process holds the same codebook.
+    """
+
+    def _setup(self, num_embeddings: int, embedding_dim: int, beta: float, cosine: bool, lookup_dim: int,
+               kmeans_init: bool, restart_threshold: float) -> int:
+        if lookup_dim < 0 or restart_threshold < 0:
+            raise ValueError("lookup_dim and restart_threshold must be non-negative")
+        self.num_embeddings, self.embedding_dim, self.beta = num_embeddings, embedding_dim, beta
+        self.cosine, self.lookup_dim, self.restart_threshold = cosine, lookup_dim, restart_threshold
+        self.code_dim = lookup_dim or embedding_dim
+        if lookup_dim:
+            self.project_in = nn.Linear(embedding_dim, lookup_dim)
+            self.project_out = nn.Linear(lookup_dim, embedding_dim)
+        self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        self.register_buffer("restarts", torch.zeros((), dtype=torch.long))   # codes restarted so far
+        self._pending_init = kmeans_init   # a Python copy of `not initialized`: no device sync every step
+        return self.code_dim
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._pending_init = not bool(self.initialized)
 
     @property
     def codebook(self) -> Tensor:
-        """(K, D) the code vectors e_1..e_K."""
-        return self.embedding
+        """(K, D) the code vectors e_1..e_K ((K, lookup_dim) with the low-dimensional lookup; normalised when
+        cosine)."""
+        return l2norm(self.embedding) if self.cosine else self.embedding
 
     def lookup(self, indices: Tensor) -> Tensor:
-        """(B, H, W) code indices -> (B, D, H, W) code vectors."""
-        flat = F.embedding(indices.reshape(-1), self.codebook)                    # (B*H*W, D)
+        """(B, H, W) code indices -> (B, D, H, W) code vectors, as the decoder receives them."""
+        flat = F.embedding(indices.reshape(-1), self.codebook)                    # (B*H*W, code_dim)
+        if self.lookup_dim:
+            flat = self.project_out(flat)                                          # (B*H*W, D)
         return unflatten_latents(flat, (*indices.shape[:1], self.embedding_dim, *indices.shape[1:]))
 
     def _flat(self, z: Tensor) -> Tensor:
-        """z (B, D, H, W) -> float32 (B*H*W, D), checking D."""
+        """z (B, D, H, W) -> float32 (B*H*W, code_dim): projected and normalised as the options say."""
         if z.dim() != 4 or z.shape[1] != self.embedding_dim:
             raise ValueError(f"expected z of shape (B, {self.embedding_dim}, H, W), got {tuple(z.shape)}")
-        return flatten_latents(z).float()                                         # (B*H*W, D)
+        flat = flatten_latents(z).float()                                         # (B*H*W, D)
+        if self.lookup_dim:
+            flat = F.linear(flat, self.project_in.weight.float(), self.project_in.bias.float())  # (N, lookup_dim)
+        return l2norm(flat) if self.cosine else flat
 
     @torch.no_grad()
     def nearest_indices(self, z: Tensor) -> Tensor:
@@ -197,16 +281,23 @@ class _Quantizer(nn.Module):
             return nearest_code(self._flat(z), self.codebook).view(z.shape[0], z.shape[2], z.shape[3])
 
     def _search(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """z (B, D, H, W) -> (flat z in float32 (N, D), indices (N,), nearest codes (N, D))."""
-        flat = self._flat(z)                                                      # (B*H*W, D)
-        indices = nearest_code(flat.detach(), self.codebook.detach())              # (B*H*W,)
-        codes = F.embedding(indices, self.codebook)                               # (B*H*W, D)
+        """z (B, D, H, W) -> (flat z (N, code_dim) float32, indices (N,), nearest codes (N, code_dim))."""
+        flat = self._flat(z)
+        if self.training and self._pending_init:
+            self._initialize(flat.detach())
+        indices = nearest_code(flat.detach(), self.codebook.detach())              # (N,)
+        codes = F.embedding(indices, self.codebook)                               # (N, code_dim)
         return flat, indices, codes
+
+    def _straight_through(self, flat: Tensor, codes: Tensor) -> Tensor:
+        # straight-through estimator: the forward value is exactly the code, the gradient goes to z_e unchanged
+        return codes.detach() + (flat - flat.detach())
 
     def _output(self, z: Tensor, flat: Tensor, indices: Tensor, codes: Tensor, codebook_loss: Tensor,
                 commitment_loss: Tensor, loss: Tensor) -> VQOutput:
-        # straight-through estimator: the forward value is exactly the code, the gradient goes to z_e unchanged
-        quantized = codes.detach() + (flat - flat.detach())                      # (B*H*W, D)
+        quantized = self._straight_through(flat, codes)                          # (N, code_dim)
+        if self.lookup_dim:
+            quantized = F.linear(quantized, self.project_out.weight.float(), self.project_out.bias.float())
         counts = torch.bincount(indices, minlength=self.num_embeddings)
         return VQOutput(
             quantized=unflatten_latents(quantized, z.shape),                      # (B, D, H, W)
@@ -216,6 +307,32 @@ class _Quantizer(nn.Module):
             codebook_loss=codebook_loss,
             commitment_loss=commitment_loss,
         )
+
+    @torch.no_grad()
+    def _initialize(self, flat: Tensor) -> None:
+        """k-means on the first training batch's vectors (of all processes); rank 0's result everywhere."""
+        centres, counts = kmeans(_gather_rows(flat), self.num_embeddings, cosine=self.cosine)
+        centres, counts = _same_everywhere(centres.contiguous()), _same_everywhere(counts.contiguous())
+        self._set_codes(torch.ones_like(counts, dtype=torch.bool), centres, counts.clamp_min(1.0))
+        self.initialized.fill_(True)
+        self._pending_init = False
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, flat: Tensor, usage: Tensor) -> None:
+        """Move every code whose usage is below the threshold onto a random current encoder output.
+
+        Fixed shapes and no host synchronisation: a candidate is drawn for every code and applied where dead."""
+        if not self.restart_threshold:
+            return
+        dead = usage < self.restart_threshold                                     # (K,), the same everywhere
+        local = flat[torch.randint(flat.shape[0], (self.num_embeddings,), device=flat.device)]   # (K, code_dim)
+        pool = _gather_rows(local)                                                # (world*K, code_dim)
+        pick = _same_everywhere(torch.randint(pool.shape[0], (self.num_embeddings,), device=flat.device))
+        self._set_codes(dead, pool[pick], torch.full_like(usage, self.restart_threshold))
+        self.restarts += dead.sum()
+
+    def _set_codes(self, where: Tensor, codes: Tensor, counts: Tensor) -> None:
+        raise NotImplementedError
 
 
 def _variance_scaling_uniform(num_embeddings: int, embedding_dim: int) -> Tensor:
@@ -230,13 +347,24 @@ class VectorQuantizer(_Quantizer):
     num_embeddings: K, the number of codes.
     embedding_dim: D, the dimension of each code and of each encoder output vector.
     beta: the commitment weight, beta in eq. 3 (the paper uses 0.25).
+    rotation_trick: pass gradients through the quantizer with the rotation trick (Fifty et al. 2024,
+        arXiv 2410.06424) instead of the straight-through copy: z is mapped onto its code by a scaled rotation
+        (treated as a constant), and the gradient goes back through that rotation, so it carries the angle
+        between z and its code. The forward value is the code.
+    cosine, lookup_dim, kmeans_init, restart_threshold: the codebook options of `_Quantizer`.
     Example: VectorQuantizer(512, 64)(torch.randn(8, 64, 16, 16)).indices.shape == (8, 16, 16).
     """
 
-    def __init__(self, num_embeddings: int = 512, embedding_dim: int = 64, beta: float = 0.25):
+    def __init__(self, num_embeddings: int = 512, embedding_dim: int = 64, beta: float = 0.25,
+                 rotation_trick: bool = False, cosine: bool = False, lookup_dim: int = 0, kmeans_init: bool = False,
+                 restart_threshold: float = 0.0, usage_decay: float = 0.99):
         super().__init__()
-        self.num_embeddings, self.embedding_dim, self.beta = num_embeddings, embedding_dim, beta
-        self.embedding = nn.Parameter(_variance_scaling_uniform(num_embeddings, embedding_dim))  # (K, D)
+        code_dim = self._setup(num_embeddings, embedding_dim, beta, cosine, lookup_dim, kmeans_init,
+                               restart_threshold)
+        self.rotation_trick, self.usage_decay = rotation_trick, usage_decay
+        self.embedding = nn.Parameter(_variance_scaling_uniform(num_embeddings, code_dim))   # (K, code_dim)
+        # recent use of each code (an EMA of its per-batch count), for dead-code restarts
+        self.register_buffer("usage", torch.full((num_embeddings,), max(restart_threshold, 1.0)))
 
     def forward(self, z: Tensor) -> VQOutput:
         with torch.autocast(z.device.type, enabled=False):
@@ -244,7 +372,33 @@ class VectorQuantizer(_Quantizer):
             codebook_loss = F.mse_loss(codes, flat.detach())     # ||sg[z_e(x)] - e||^2: moves the codes
             commitment_loss = F.mse_loss(flat, codes.detach())   # ||z_e(x) - sg[e]||^2: moves the encoder
             loss = codebook_loss + self.beta * commitment_loss
-            return self._output(z, flat, indices, codes, codebook_loss, commitment_loss, loss)
+            out = self._output(z, flat, indices, codes, codebook_loss, commitment_loss, loss)
+            if self.training:
+                with torch.no_grad():
+                    counts = torch.bincount(indices, minlength=self.num_embeddings).float()
+                    if _distributed():
+                        dist.all_reduce(counts)
+                    self.usage.mul_(self.usage_decay).add_(counts, alpha=1.0 - self.usage_decay)
+                    self._restart_dead_codes(flat.detach(), self.usage)
+            return out
+
+    def _straight_through(self, flat: Tensor, codes: Tensor) -> Tensor:
+        if not (self.rotation_trick and self.training and torch.is_grad_enabled()):
+            return super()._straight_through(flat, codes)
+        # rotation trick: q = lambda * R z with R rotating z/|z| onto e/|e| and lambda = |e|/|z|, both constants:
+        # R = I - 2 r r^T + 2 e_hat z_hat^T with r = (z_hat + e_hat) / |z_hat + e_hat|, so R z_hat = e_hat.
+        with torch.no_grad():
+            e = codes.detach()
+            z_norm, e_norm = flat.norm(dim=1, keepdim=True).clamp_min(1e-6), e.norm(dim=1, keepdim=True)
+            z_hat, e_hat = flat / z_norm, e / e_norm.clamp_min(1e-6)
+            r = l2norm(z_hat + e_hat)
+            scale = e_norm / z_norm
+        rz = flat - 2 * r * (r * flat).sum(1, keepdim=True) + 2 * e_hat * (z_hat * flat).sum(1, keepdim=True)
+        return scale * rz
+
+    def _set_codes(self, where: Tensor, codes: Tensor, counts: Tensor) -> None:
+        self.embedding.data.copy_(torch.where(where[:, None], codes, self.embedding.data))
+        self.usage.copy_(torch.where(where, counts, self.usage))
 
 
 class VectorQuantizerEMA(_Quantizer):
@@ -258,27 +412,30 @@ class VectorQuantizerEMA(_Quantizer):
     zero. The statistics start consistent with the initial codebook (N_i = 1, m_i = e_i), so a code that is never
     chosen keeps its place rather than collapsing to zero (zero-initialised, bias-corrected averages) or jumping by
     a factor 1/eps (zero counts with m_i = e_i). Under torch.distributed the batch counts and sums are summed over
-    processes first, so every process holds the same codebook.
+    processes first, so every process holds the same codebook. A restarted code gets N_i = restart_threshold and
+    m_i = N_i e_i for its new e_i, so the average does not pull it back to where it was.
 
     The update happens only in training mode, in place on the buffers, after the step's output has been computed:
     a step's output uses the codebook as it was before that step. The loss is beta * commitment_loss.
 
     num_embeddings: K; embedding_dim: D; beta: commitment weight (eq. 3); decay: gamma of appendix A.1 (0.99);
-    eps: Laplace smoothing constant (1e-5).
+    eps: Laplace smoothing constant (1e-5); cosine, lookup_dim, kmeans_init, restart_threshold: see `_Quantizer`.
     Example: VectorQuantizerEMA(512, 64)(torch.randn(8, 64, 16, 16)).quantized.shape == (8, 64, 16, 16).
     """
 
     def __init__(self, num_embeddings: int = 512, embedding_dim: int = 64, beta: float = 0.25,
-                 decay: float = 0.99, eps: float = 1e-5):
+                 decay: float = 0.99, eps: float = 1e-5, cosine: bool = False, lookup_dim: int = 0,
+                 kmeans_init: bool = False, restart_threshold: float = 0.0):
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.beta, self.decay, self.eps = beta, decay, eps
-        embedding = _variance_scaling_uniform(num_embeddings, embedding_dim)
-        self.register_buffer("embedding", embedding)                       # (K, D) e_i
+        code_dim = self._setup(num_embeddings, embedding_dim, beta, cosine, lookup_dim, kmeans_init,
+                               restart_threshold)
+        self.decay, self.eps = decay, eps
+        embedding = _variance_scaling_uniform(num_embeddings, code_dim)
+        self.register_buffer("embedding", embedding)                       # (K, code_dim) e_i
         self.register_buffer("cluster_size", torch.ones(num_embeddings))   # (K,)   N_i
-        self.register_buffer("embed_sum", embedding.clone())               # (K, D) m_i
+        self.register_buffer("embed_sum", embedding.clone())               # (K, code_dim) m_i
 
     def forward(self, z: Tensor) -> VQOutput:
         with torch.autocast(z.device.type, enabled=False):
@@ -289,13 +446,14 @@ class VectorQuantizerEMA(_Quantizer):
             out = self._output(z, flat, indices, codes, codebook_loss, commitment_loss, loss)
             if self.training:
                 self._ema_update(flat.detach(), indices)
+                self._restart_dead_codes(flat.detach(), self.cluster_size)
             return out
 
     @torch.no_grad()
     def _ema_update(self, flat: Tensor, indices: Tensor) -> None:
         counts = torch.bincount(indices, minlength=self.num_embeddings).to(flat.dtype)   # (K,)   n_i
         sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, flat)             # (K, D) sum_j z_{i,j}
-        if dist.is_available() and dist.is_initialized():
+        if _distributed():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
@@ -303,6 +461,92 @@ class VectorQuantizerEMA(_Quantizer):
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + self.num_embeddings * self.eps) * n   # Laplace smoothing
         self.embedding.copy_(self.embed_sum / smoothed.unsqueeze(1))
+
+    def _set_codes(self, where: Tensor, codes: Tensor, counts: Tensor) -> None:
+        self.embedding.copy_(torch.where(where[:, None], codes, self.embedding))
+        self.cluster_size.copy_(torch.where(where, counts, self.cluster_size))
+        self.embed_sum.copy_(torch.where(where[:, None], codes * counts[:, None], self.embed_sum))
+
+
+# Levels recommended by the FSQ paper (Mentzer et al. 2023, arXiv 2309.15505, section 4.1) for target codebook
+# sizes 2^8 ... 2^16.
+FSQ_LEVELS = {2**8: (8, 6, 5), 2**10: (8, 5, 5, 5), 2**12: (7, 5, 5, 5, 5), 2**14: (8, 8, 8, 6, 5),
+              2**16: (8, 8, 8, 5, 5, 5)}
+
+
+def fsq_levels_for(target_size: int) -> tuple[int, ...]:
+    """The paper's recommended levels for the target size nearest (in log2) to `target_size`; ties go up."""
+    return FSQ_LEVELS[min(FSQ_LEVELS, key=lambda k: (abs(math.log2(k) - math.log2(target_size)), -k))]
+
+
+class FSQ(nn.Module):
+    """Finite Scalar Quantization (Mentzer et al. 2023, arXiv 2309.15505), a drop-in for the vector quantizers.
+
+    z (B, D, H, W) is projected to d = len(levels) channels, each bounded by a (shifted) tanh to
+    [-(L_j - 1)/2, (L_j - 1)/2] and rounded to the nearest integer with a straight-through gradient, then
+    projected back to D. The implicit codebook is the grid of prod(levels) points; there is no codebook loss and
+    no commitment loss. `levels` defaults to the paper's recommendation for the target size `num_embeddings`.
+    Example: FSQ(512, 64).num_embeddings == 1000 (levels 8, 5, 5, 5).
+    """
+
+    def __init__(self, num_embeddings: int = 512, embedding_dim: int = 64, levels: Sequence[int] | None = None):
+        super().__init__()
+        self.levels = tuple(int(v) for v in (levels or fsq_levels_for(num_embeddings)))
+        if any(v < 2 for v in self.levels):
+            raise ValueError(f"every FSQ level must be at least 2, got {self.levels}")
+        self.embedding_dim, self.num_embeddings = embedding_dim, math.prod(self.levels)
+        self.project_in = nn.Linear(embedding_dim, len(self.levels))
+        self.project_out = nn.Linear(len(self.levels), embedding_dim)
+        levels_t = torch.tensor(self.levels, dtype=torch.float32)
+        self.register_buffer("_levels", levels_t, persistent=False)
+        self.register_buffer("_basis", torch.cumprod(torch.tensor((1,) + self.levels[:-1]), 0), persistent=False)
+
+    def _bound(self, h: Tensor) -> Tensor:
+        """Squash each channel into (-(L-1)/2, (L-1)/2), shifted by half a step for even L so rounding gives L
+        values."""
+        half = (self._levels - 1) * (1 - 1e-3) / 2
+        offset = torch.where(self._levels % 2 == 0, 0.5, 0.0)
+        shift = torch.atanh(offset / half)
+        return torch.tanh(h + shift) * half - offset
+
+    def _grid(self, indices: Tensor) -> Tensor:
+        """(N,) indices -> (N, d) integer grid points centred on zero."""
+        digits = (indices[:, None] // self._basis) % self._levels.long()
+        return digits.float() - (self._levels // 2)
+
+    @property
+    def codebook(self) -> Tensor:
+        """(K, d) every grid point, in the quantized space before the projection back to D."""
+        return self._grid(torch.arange(self.num_embeddings, device=self._levels.device))
+
+    def lookup(self, indices: Tensor) -> Tensor:
+        """(B, H, W) indices -> (B, D, H, W), as the decoder receives them."""
+        flat = self.project_out(self._grid(indices.reshape(-1)))
+        return unflatten_latents(flat, (*indices.shape[:1], self.embedding_dim, *indices.shape[1:]))
+
+    def _quantize(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """z (B, D, H, W) -> (grid points (N, d) with straight-through gradient, indices (N,))."""
+        if z.dim() != 4 or z.shape[1] != self.embedding_dim:
+            raise ValueError(f"expected z of shape (B, {self.embedding_dim}, H, W), got {tuple(z.shape)}")
+        h = self._bound(F.linear(flatten_latents(z).float(), self.project_in.weight.float(),
+                                 self.project_in.bias.float()))                 # (N, d)
+        rounded = h + (torch.round(h) - h).detach()                              # straight-through rounding
+        digits = (torch.round(h) + self._levels // 2).long()                      # (N, d) in [0, L)
+        return rounded, (digits * self._basis).sum(1)
+
+    @torch.no_grad()
+    def nearest_indices(self, z: Tensor) -> Tensor:
+        with torch.autocast(z.device.type, enabled=False):
+            return self._quantize(z)[1].view(z.shape[0], z.shape[2], z.shape[3])
+
+    def forward(self, z: Tensor) -> VQOutput:
+        with torch.autocast(z.device.type, enabled=False):
+            rounded, indices = self._quantize(z)
+            quantized = F.linear(rounded, self.project_out.weight.float(), self.project_out.bias.float())
+            zero = rounded.new_zeros(())
+            return VQOutput(unflatten_latents(quantized, z.shape), zero, indices.view(z.shape[0], *z.shape[2:]),
+                            perplexity_from_counts(torch.bincount(indices, minlength=self.num_embeddings)), zero,
+                            zero)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -317,22 +561,34 @@ class VQVAEOutput(NamedTuple):
 
 
 class VQVAE(nn.Module):
-    """Encoder -> quantizer -> decoder. `quantizer` is "ema" (appendix A.1, the default) or "vq" (eq. 3).
+    """Encoder -> quantizer -> decoder.
 
+    quantizer: "ema" (appendix A.1, the default), "vq" (eq. 3) or "fsq" (finite scalar quantization).
+    kmeans_init, restart_threshold, cosine, lookup_dim: codebook options of the vector quantizers (`_Quantizer`);
+    the defaults are train.Config's (k-means initialisation and dead-code restarts on; the quantizer classes on
+    their own default to the paper's random initialisation without restarts);
+    rotation_trick: the gradient path of the "vq" quantizer; fsq_levels: FSQ's levels (default: the paper's
+    recommendation for num_embeddings).
     Example: VQVAE()(torch.zeros(8, 3, 32, 32)).vq.indices.shape == (8, 8, 8).
     """
 
     def __init__(self, hidden_channels: int = 128, residual_channels: int = 32, num_residual_blocks: int = 2,
                  embedding_dim: int = 64, num_embeddings: int = 512, beta: float = 0.25, quantizer: str = "ema",
-                 decay: float = 0.99, eps: float = 1e-5, in_channels: int = 3):
+                 decay: float = 0.99, eps: float = 1e-5, kmeans_init: bool = True, restart_threshold: float = 1.0,
+                 cosine: bool = False, lookup_dim: int = 0, rotation_trick: bool = False,
+                 fsq_levels: Sequence[int] | None = None, in_channels: int = 3):
         super().__init__()
         self.encoder = Encoder(hidden_channels, residual_channels, num_residual_blocks, embedding_dim, in_channels)
+        options = dict(cosine=cosine, lookup_dim=lookup_dim, kmeans_init=kmeans_init,
+                       restart_threshold=restart_threshold)
         if quantizer == "ema":
-            self.quantizer: _Quantizer = VectorQuantizerEMA(num_embeddings, embedding_dim, beta, decay, eps)
+            self.quantizer: nn.Module = VectorQuantizerEMA(num_embeddings, embedding_dim, beta, decay, eps, **options)
         elif quantizer == "vq":
-            self.quantizer = VectorQuantizer(num_embeddings, embedding_dim, beta)
+            self.quantizer = VectorQuantizer(num_embeddings, embedding_dim, beta, rotation_trick, **options)
+        elif quantizer == "fsq":
+            self.quantizer = FSQ(num_embeddings, embedding_dim, fsq_levels)
         else:
-            raise ValueError(f"quantizer must be 'ema' or 'vq', got {quantizer!r}")
+            raise ValueError(f"quantizer must be 'ema', 'vq' or 'fsq', got {quantizer!r}")
         self.decoder = Decoder(hidden_channels, residual_channels, num_residual_blocks, embedding_dim, in_channels)
 
     def forward(self, x: Tensor) -> VQVAEOutput:

@@ -62,8 +62,14 @@ class Config:
     embedding_dim: int = 64         # D, dimension of each code
     num_embeddings: int = 512       # K, number of codes
     beta: float = 0.25              # commitment weight, beta in eq. 3
-    quantizer: str = "ema"          # ema (codebook by moving averages, appendix A.1) or vq (codebook loss, eq. 3)
+    quantizer: str = "ema"          # ema (moving averages, appendix A.1), vq (codebook loss, eq. 3) or fsq
     decay: float = 0.99             # EMA decay gamma (ema quantizer only)
+    kmeans_init: bool = True        # start the codebook from k-means on the first batch's encoder outputs
+    restart_threshold: float = 1.0  # restart codes whose recent use per batch falls below this (0: never)
+    cosine: bool = False            # l2-normalised codes and inputs (cosine similarity), as in ViT-VQGAN
+    lookup_dim: int = 0             # search codes in a projected space of this dimension (0: in D), ViT-VQGAN
+    rotation_trick: bool = False    # rotation-trick gradients through the vq quantizer (arXiv 2410.06424)
+    fsq_levels: str = ""            # FSQ levels, e.g. 8,5,5,5 (empty: the paper's choice for num_embeddings)
     # optimisation
     steps: int = 1500               # optimizer steps in total (a resumed run continues up to this number)
     batch_size: int = 32            # images per step
@@ -84,7 +90,8 @@ class Config:
 
 
 MODEL_FIELDS = ("hidden_channels", "residual_channels", "num_residual_blocks", "embedding_dim",
-                "num_embeddings", "beta", "quantizer", "decay")
+                "num_embeddings", "beta", "quantizer", "decay", "kmeans_init", "restart_threshold", "cosine",
+                "lookup_dim", "rotation_trick", "fsq_levels")
 
 
 class ConfigError(ValueError):
@@ -149,8 +156,20 @@ def check_config(c: Config) -> None:
         raise ConfigError(f"--lr must be a positive number, got {c.lr}")
     if c.beta < 0:
         raise ConfigError(f"--beta must be non-negative, got {c.beta}")
-    if c.quantizer not in ("ema", "vq"):
-        raise ConfigError(f"--quantizer must be ema or vq, got {c.quantizer!r}")
+    if c.quantizer not in ("ema", "vq", "fsq"):
+        raise ConfigError(f"--quantizer must be ema, vq or fsq, got {c.quantizer!r}")
+    if c.rotation_trick and c.quantizer != "vq":
+        raise ConfigError("--rotation-trick changes the gradient of the vq quantizer: use it with --quantizer vq")
+    if c.restart_threshold < 0 or c.lookup_dim < 0:
+        raise ConfigError("--restart-threshold and --lookup-dim must be non-negative")
+    if c.fsq_levels:
+        try:
+            levels = [int(v) for v in c.fsq_levels.split(",")]
+        except ValueError:
+            levels = []
+        if not levels or min(levels) < 2:
+            raise ConfigError(f"--fsq-levels must be integers of at least 2 separated by commas, got "
+                              f"{c.fsq_levels!r}")
     if not 0 <= c.decay < 1:
         raise ConfigError(f"--decay must be in [0, 1), got {c.decay}")
     if c.amp not in ("auto", "bf16", "off"):
@@ -203,7 +222,9 @@ def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def model_args(c: Config) -> dict:
-    return {name: getattr(c, name) for name in MODEL_FIELDS}
+    args = {name: getattr(c, name) for name in MODEL_FIELDS}
+    args["fsq_levels"] = tuple(int(v) for v in c.fsq_levels.split(",")) if c.fsq_levels else None
+    return args
 
 
 def build_model(c: Config) -> VQVAE:
@@ -449,6 +470,7 @@ def train(config: Config, callback: Callable[[dict], None] | None = None) -> Tra
                 now = time.perf_counter()
                 elapsed += now - tick
                 record = {"step": step, "loss": sums[0].item() / since_log,
+                          "restarts": int(getattr(model.quantizer, "restarts", torch.zeros(())).item()),
                           "recon_loss": sums[1].item() / since_log, "commitment_loss": sums[2].item() / since_log,
                           "perplexity": sums[3].item() / since_log,
                           "images_per_s": since_log * c.batch_size / max(now - tick, 1e-9),
@@ -459,7 +481,8 @@ def train(config: Config, callback: Callable[[dict], None] | None = None) -> Tra
                     save_reconstructions(model, preview, out / "reconstructions.png", device, amp_dtype)
                     checkpoint(step, final)
                     bar.write(f"step {step}: val PSNR {final['psnr']:.2f} dB, codebook usage "
-                              f"{final['codebook_usage']:.1%}, perplexity {final['perplexity']:.1f}")
+                              f"{final['codebook_usage']:.1%}, perplexity {final['perplexity']:.1f}, "
+                              f"restarts {record['restarts']}")
                 log(record)
                 sums.zero_()
                 since_log, tick = 0, time.perf_counter()

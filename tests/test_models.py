@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from train import Config, model_args
 from models import (VQVAE, Decoder, Encoder, ResidualStack, VectorQuantizer, VectorQuantizerEMA, flatten_latents,
                     nearest_code)
 
@@ -189,7 +190,9 @@ def test_perplexity_extremes():
 
 
 def tiny_vqvae(**kw):
-    args = dict(hidden_channels=16, residual_channels=8, num_residual_blocks=2, embedding_dim=8, num_embeddings=32)
+    """A small model with the repo's default codebook options (train.Config's)."""
+    args = model_args(Config())
+    args.update(hidden_channels=16, residual_channels=8, num_residual_blocks=2, embedding_dim=8, num_embeddings=32)
     args.update(kw)
     return VQVAE(**args)
 
@@ -249,8 +252,8 @@ def test_residual_block_is_relu_conv3_relu_conv1_plus_identity():
 def test_short_overfit_of_a_few_images(quantizer):
     """Four smooth 16x16 images: 400 Adam steps take the reconstruction error far below that of predicting grey.
 
-    (At lr 3e-3 the plain quantizer collapses onto a single code from this random start and cannot overfit;
-    dead-code handling is the codebook-health issue's subject.)"""
+    With the default codebook options. (From the paper's random initialisation without restarts, the plain
+    quantizer can collapse onto a single code and stay there: see test_codebook.py.)"""
     torch.manual_seed(10)
     yy, xx = torch.meshgrid(torch.linspace(0, 1, 16), torch.linspace(0, 1, 16), indexing="ij")
     x = torch.stack([torch.stack([xx, yy, 1 - xx]), torch.stack([yy, 1 - yy, xx]),

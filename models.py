@@ -325,8 +325,7 @@ class _Quantizer(nn.Module):
         if not self.restart_threshold:
             return
         dead = usage < self.restart_threshold                                     # (K,), the same everywhere
-        local = flat[torch.randint(flat.shape[0], (self.num_embeddings,), device=flat.device)]   # (K, code_dim)
-        pool = _gather_rows(local)                                                # (world*K, code_dim)
+        pool = _gather_rows(flat)            # (N of all processes, code_dim): the same rows as one big batch
         pick = _same_everywhere(torch.randint(pool.shape[0], (self.num_embeddings,), device=flat.device))
         self._set_codes(dead, pool[pick], torch.full_like(usage, self.restart_threshold))
         self.restarts += dead.sum()

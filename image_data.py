@@ -447,8 +447,10 @@ def batches(dataset: Dataset, batch_size: int, seed: int, start_step: int = 0, n
     """Endless training batches (uint8 (B, 3, S, S), labels (B,)), starting at `start_step`."""
     sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, num_replicas, rank)
     workers = 0 if isinstance(dataset, (CachedImages, PhotoCrops)) else num_workers
+    # the loader's own generator: creating its iterator must not draw from the global RNG (exact resume)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
-                        pin_memory=pin_memory, persistent_workers=workers > 0)
+                        pin_memory=pin_memory, persistent_workers=workers > 0,
+                        generator=torch.Generator().manual_seed(seed))
     return iter(loader)
 
 
@@ -456,7 +458,7 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, pin_mem
     """The whole split once, in order, without augmentation."""
     workers = 0 if isinstance(dataset, (CachedImages, PhotoCrops)) else num_workers
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-                      pin_memory=pin_memory)
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
 
 
 def default_workers() -> int:

@@ -38,7 +38,10 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Subset
 
 from evaluate import evaluate
 from image_data import DataError, DataSplits, batches, build_data, default_workers, eval_loader
@@ -85,7 +88,8 @@ class Config:
     resume: bool = False            # continue from the checkpoint in --out (starts fresh if there is none)
     overwrite: bool = False         # start again in an --out that already holds a run
     log_every: int = 50             # steps between metrics.jsonl records
-    eval_every: int = 500           # steps between validations (and checkpoints); the last step always has one
+    eval_every: int = 500           # steps between validations over the whole validation split
+    checkpoint_every: int = 0       # steps between checkpoints (0: at every validation); the last step saves too
     progress: bool = True           # show a tqdm progress bar
 
 
@@ -147,6 +151,8 @@ class TrainResult(NamedTuple):
 def check_config(c: Config) -> None:
     positive = ("steps", "batch_size", "hidden_channels", "residual_channels", "num_residual_blocks",
                 "embedding_dim", "num_embeddings", "log_every", "eval_every")
+    if c.checkpoint_every < 0:
+        raise ConfigError(f"--checkpoint-every must be 0 or more, got {c.checkpoint_every}")
     for name in positive:
         if getattr(c, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(c, name)}")
@@ -332,17 +338,19 @@ def save_reconstructions(model: VQVAE, images: torch.Tensor, path: Path, device:
     os.replace(tmp, path)
 
 
-def prepare_out(c: Config) -> tuple[Path, dict | None]:
-    """Create the run folder; return it and the checkpoint to resume from (or None)."""
+def prepare_out(c: Config, main: bool = True) -> tuple[Path, dict | None]:
+    """Create the run folder (on the main process); return it and the checkpoint to resume from (or None).
+    Every process reads and checks; only the main one writes."""
     out = Path(c.out).expanduser()
     ckpt_path = out / "checkpoint.pt"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"cannot write to --out {out}: {err.strerror or err}") from None
+    if main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(f"cannot write to --out {out}: {err.strerror or err}") from None
     if ckpt_path.exists() and c.resume:
         ckpt = read_checkpoint(ckpt_path)
         check_resume_matches(config_from_dict(ckpt["config"]), c, ckpt_path)
@@ -355,10 +363,42 @@ def prepare_out(c: Config) -> tuple[Path, dict | None]:
             pass
         raise ConfigError(f"{out} already holds a run{step}: pass --resume to continue it, --overwrite to start "
                           f"again, or another --out")
-    if c.overwrite:
+    if c.overwrite and main:
         for name in ("checkpoint.pt", "metrics.jsonl", "reconstructions.png"):
             (out / name).unlink(missing_ok=True)
     return out, None
+
+
+class Processes(NamedTuple):
+    """This process's place among the torchrun processes (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    started_here: bool = False   # whether train() initialised torch.distributed (and so closes it)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_processes(device_name: str) -> tuple[Processes, torch.device | None]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPUs) and pick this
+    process's device. Otherwise a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and not dist.is_initialized():
+        return Processes(), None
+    if device_name not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"with torchrun, --device must be auto, cuda or cpu (each process takes the GPU of its "
+                          f"LOCAL_RANK), got {device_name!r}")
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Processes(dist.get_rank(), dist.get_world_size(), started), device
 
 
 def trim_metrics(path: Path, last_step: int) -> list[dict]:
@@ -373,15 +413,29 @@ def trim_metrics(path: Path, last_step: int) -> list[dict]:
 
 
 def train(config: Config, callback: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train a VQ-VAE as `config` says; `callback(record)` sees every metrics record as it is written."""
-    from tqdm.auto import tqdm
+    """Train a VQ-VAE as `config` says; `callback(record)` sees every metrics record as it is written.
 
+    Under torchrun each process trains on its own share of every step's batches (`batch_size` images each, so
+    the global batch is world x batch_size), gradients are averaged by DistributedDataParallel, the quantizer keeps
+    its codebook identical everywhere (see models.py), validation metrics are summed over processes, and only
+    rank 0 shows progress and writes files."""
     c = config
     check_config(c)
-    device = pick_device(c.device)
+    procs, ddp_device = init_processes(c.device)
+    try:
+        return _train(c, procs, ddp_device or pick_device(c.device), callback)
+    finally:
+        if procs.started_here:
+            dist.destroy_process_group()
+
+
+def _train(c: Config, procs: Processes, device: torch.device, callback: Callable[[dict], None] | None
+           ) -> TrainResult:
+    from tqdm.auto import tqdm
+
     amp_dtype = amp_dtype_for(c.amp, device)
     channels_last = device.type != "mps"
-    out, resume_from = prepare_out(c)
+    out, resume_from = prepare_out(c, procs.main)
     torch.manual_seed(c.seed)
 
     workers = default_workers() if c.num_workers < 0 else c.num_workers
@@ -397,29 +451,36 @@ def train(config: Config, callback: Callable[[dict], None] | None = None) -> Tra
         optimizer.load_state_dict(resume_from["optimizer"])
         start_step, elapsed = resume_from["step"], resume_from["elapsed"]
         variance = resume_from["data_variance"]   # the normaliser the run started with
-        torch.set_rng_state(resume_from["rng"]["torch"])
-        if device.type == "cuda" and resume_from["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(resume_from["rng"]["cuda"])
-    (out / "config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
     metrics_path = out / "metrics.jsonl"
-    history = trim_metrics(metrics_path, start_step) if resume_from is not None else []
-    if resume_from is None:
-        metrics_path.write_text("")
+    history: list[dict] = []
+    if procs.main:
+        (out / "config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
+        history = trim_metrics(metrics_path, start_step) if resume_from is not None else []
+        if resume_from is None:
+            metrics_path.write_text("")
 
-    forward = torch.compile(model) if c.compile else model
+    wrapped = model
+    if procs.world > 1:   # the quantizer keeps its own buffers in step, so DDP need not broadcast them
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          forward_sync_buffers=False)
+    forward = torch.compile(wrapped) if c.compile else wrapped
     ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     pin = device.type == "cuda"
-    train_batches = batches(data.train, c.batch_size, c.seed, start_step, workers, pin)
-    val_loader = eval_loader(data.val, max(c.batch_size, 64), workers, pin)
+    train_batches = batches(data.train, c.batch_size, c.seed, start_step, workers, pin, procs.world, procs.rank)
+    val_share = data.val if procs.world == 1 else Subset(data.val, range(procs.rank, len(data.val), procs.world))
+    val_loader = eval_loader(val_share, max(c.batch_size, 64), workers, pin)
     preview = next(iter(eval_loader(data.val, 8)))[0]
 
     def validate() -> dict:
         return evaluate(model, val_loader, device, amp_dtype, channels_last)
 
     def checkpoint(step: int, metrics: dict | None = None) -> None:
-        save_checkpoint(out / "checkpoint.pt", model, optimizer, step, c, variance, elapsed, metrics)
+        if procs.main:
+            save_checkpoint(out / "checkpoint.pt", model, optimizer, step, c, variance, elapsed, metrics)
 
     def log(record: dict) -> None:
+        if not procs.main:
+            return
         history.append(record)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -427,12 +488,18 @@ def train(config: Config, callback: Callable[[dict], None] | None = None) -> Tra
             callback(record)
 
     final: dict = dict(resume_from["metrics"]) if resume_from is not None else {}
-    if start_step >= c.steps:
+    if start_step >= c.steps and procs.main:
         print(f"{out} is already at step {start_step} of {c.steps}: raise --steps to train further")
-    bar = tqdm(total=c.steps, initial=start_step, desc="training", disable=not c.progress, dynamic_ncols=True)
+    bar = tqdm(total=c.steps, initial=start_step, desc="training", disable=not (c.progress and procs.main),
+               dynamic_ncols=True)
+    checkpoint_every = c.checkpoint_every or c.eval_every
     sums = torch.zeros(4, dtype=torch.float64)   # loss, reconstruction loss, commitment loss, perplexity
     pending: list[torch.Tensor] = []
     since_log, tick = 0, time.perf_counter()
+    if resume_from is not None:   # restored last, so that nothing above draws from the resumed random stream
+        torch.set_rng_state(resume_from["rng"]["torch"])
+        if device.type == "cuda" and resume_from["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(resume_from["rng"]["cuda"])
     model.train()
     step = start_step
     with StopOnSignal() as stop:
@@ -455,8 +522,19 @@ def train(config: Config, callback: Callable[[dict], None] | None = None) -> Tra
                                         out_.vq.perplexity]).detach().float())
             bar.update(1)
             evaluate_now = step % c.eval_every == 0 or step == c.steps
-            if len(pending) == 10 or step % c.log_every == 0 or evaluate_now:
-                block = torch.stack(pending).double().cpu()              # (steps, 4)
+            log_now = step % c.log_every == 0 or evaluate_now
+            checkpoint_now = step % checkpoint_every == 0 or step == c.steps
+            stop_now = stop.signum is not None
+            # a checkpoint is written only after this step's loss was seen to be finite
+            if len(pending) == 10 or log_now or checkpoint_now or procs.world == 1 and stop_now:
+                block = torch.stack(pending)                                  # (steps, 4)
+                if procs.world > 1:   # average over processes; stop everywhere if any process was signalled
+                    dist.all_reduce(block)
+                    block /= procs.world
+                    flag = torch.tensor([stop.signum or 0], device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    stop.signum = int(flag.item()) or None
+                block = block.double().cpu()
                 bad = (~torch.isfinite(block[:, 0])).nonzero()
                 if len(bad):
                     raise FloatingPointError(f"the loss became {block[bad[0, 0], 0].item()} at step "
@@ -466,31 +544,33 @@ def train(config: Config, callback: Callable[[dict], None] | None = None) -> Tra
                 bar.set_postfix(loss=f"{sums[0].item() / since_log:.3f}",
                                 recon=f"{sums[1].item() / since_log:.3f}",
                                 perplexity=f"{sums[3].item() / since_log:.0f}", refresh=False)
-            if step % c.log_every == 0 or evaluate_now:
+            if log_now:
                 now = time.perf_counter()
                 elapsed += now - tick
                 record = {"step": step, "loss": sums[0].item() / since_log,
-                          "restarts": int(getattr(model.quantizer, "restarts", torch.zeros(())).item()),
                           "recon_loss": sums[1].item() / since_log, "commitment_loss": sums[2].item() / since_log,
                           "perplexity": sums[3].item() / since_log,
-                          "images_per_s": since_log * c.batch_size / max(now - tick, 1e-9),
+                          "restarts": int(getattr(model.quantizer, "restarts", torch.zeros(())).item()),
+                          "images_per_s": since_log * c.batch_size * procs.world / max(now - tick, 1e-9),
                           "elapsed_s": round(elapsed, 2)}
                 if evaluate_now:
                     final = validate()
                     record.update({f"val_{k}": v for k, v in final.items()})
-                    save_reconstructions(model, preview, out / "reconstructions.png", device, amp_dtype)
-                    checkpoint(step, final)
-                    bar.write(f"step {step}: val PSNR {final['psnr']:.2f} dB, codebook usage "
-                              f"{final['codebook_usage']:.1%}, perplexity {final['perplexity']:.1f}, "
-                              f"restarts {record['restarts']}")
+                    if procs.main:
+                        save_reconstructions(model, preview, out / "reconstructions.png", device, amp_dtype)
+                        bar.write(f"step {step}: val PSNR {final['psnr']:.2f} dB, codebook usage "
+                                  f"{final['codebook_usage']:.1%}, perplexity {final['perplexity']:.1f}, "
+                                  f"restarts {record['restarts']}")
                 log(record)
                 sums.zero_()
                 since_log, tick = 0, time.perf_counter()
-            if stop.signum is not None:
+            if checkpoint_now:
+                checkpoint(step, final)
+            if stop.signum is not None and not pending:
                 bar.close()
                 checkpoint(step, final)
                 raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} at step {step}; checkpoint saved. "
-                                  f"Resume with: python train.py --out {out} --resume")
+                                  f"Resume with: python train.py --out {out} --resume" if procs.main else "")
     bar.close()
     if not final:
         final = validate()
@@ -541,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}; the last good checkpoint is kept in {config.out}. Try a lower --lr.", file=sys.stderr)
         return 1
     except Interrupted as err:
-        print(f"\n{err}", file=sys.stderr)
+        if str(err):
+            print(f"\n{err}", file=sys.stderr)
         return 130
     f = result.final
     print(f"done: {result.out} | val PSNR {f['psnr']:.2f} dB | MSE {f['mse']:.5f} | codebook usage "

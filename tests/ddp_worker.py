@@ -1,0 +1,26 @@
+"""Run by tests/test_reliability.py under torchrun: train a tiny model, then save this rank's model state.
+
+    torchrun --nproc_per_node=2 tests/ddp_worker.py OUT_FOLDER BATCH_SIZE
+"""
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train import Config, train  # noqa: E402
+
+
+def tiny(out: str, batch_size: int) -> Config:
+    return Config(data="sample", image_size=16, steps=6, batch_size=batch_size, hidden_channels=8,
+                  residual_channels=4, num_residual_blocks=1, embedding_dim=4, num_embeddings=16, eval_every=3,
+                  log_every=1, lr=1e-3, out=out, progress=False, device="cpu", amp="off", num_workers=0,
+                  kmeans_init=True, restart_threshold=2.0)
+
+
+if __name__ == "__main__":
+    out, batch_size = sys.argv[1], int(sys.argv[2])
+    result = train(tiny(out, batch_size))
+    rank = int(os.environ.get("RANK", "0"))
+    torch.save({"model": result.model.state_dict(), "final": result.final}, Path(out) / f"rank{rank}.pt")

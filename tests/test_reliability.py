@@ -1,0 +1,155 @@
+"""Multi-process training, crashes and signals, and safe checkpoints, with real processes and real signals."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from tests.ddp_worker import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_FLAGS = ["--data", "sample", "--image-size", "16", "--batch-size", "4", "--hidden-channels", "8",
+              "--residual-channels", "4", "--num-residual-blocks", "1", "--embedding-dim", "4",
+              "--num-embeddings", "16", "--lr", "0.001", "--device", "cpu", "--amp", "off", "--no-progress",
+              "--num-workers", "0", "--log-every", "1"]
+
+
+def test_two_gloo_processes_hold_identical_codebooks_and_match_one_process(tmp_path):
+    """torchrun, 2 CPU processes with batch 4 each: the ranks end bit-identical (codebook and weights), and match
+    one process that sees both shards together (batch 8) to float tolerance. The run uses k-means initialisation
+    and dead-code restarts, the two codebook updates that draw random choices."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path / "ddp"), "4"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    single = train.train(tiny(str(tmp_path / "single"), 8))
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["model"].keys() == single.model.state_dict().keys()
+    for key, value in single.model.state_dict().items():
+        assert torch.equal(ranks[0]["model"][key], ranks[1]["model"][key]), key
+        torch.testing.assert_close(ranks[0]["model"][key], value, atol=1e-5, rtol=1e-5, msg=key)
+    assert ranks[0]["final"]["num_images"] == single.final["num_images"]        # the validation shards add up
+    assert ranks[0]["final"]["psnr"] == pytest.approx(single.final["psnr"], abs=1e-4)
+    assert int(ranks[0]["model"]["quantizer.restarts"]) == int(single.model.quantizer.restarts)
+    # only rank 0 wrote the run folder
+    records = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in records] == [1, 2, 3, 4, 5, 6]
+
+
+def run_until_checkpoint(args: list[str], out: Path, min_step: int) -> subprocess.Popen:
+    """Start train.py and return once its checkpoint has reached `min_step` (the process still running)."""
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (out / "checkpoint.pt").exists():
+            try:
+                if torch.load(out / "checkpoint.pt", weights_only=True)["step"] >= min_step:
+                    return proc
+            except Exception:
+                pass
+        if proc.poll() is not None:
+            raise AssertionError(f"train.py ended early: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("no checkpoint in time")
+
+
+def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path):
+    out = tmp_path / "killed"
+    args = [*TINY_FLAGS, "--steps", "20", "--eval-every", "20", "--checkpoint-every", "5", "--out", str(out)]
+    proc = run_until_checkpoint(args, out, 5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert 5 <= killed_at < 20
+    r = subprocess.run([sys.executable, "train.py", *args, "--resume"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    straight = tmp_path / "straight"
+    r = subprocess.run([sys.executable, "train.py", *TINY_FLAGS, "--steps", "40", "--eval-every", "40",
+                        "--checkpoint-every", "5", "--out", str(straight)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = torch.load(out / "checkpoint.pt", weights_only=True)
+    b = torch.load(straight / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 20
+    for key in b["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21))
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY_FLAGS, "--steps", "100000", "--eval-every", "100000", "--checkpoint-every", "3", "--out",
+            str(out)]
+    proc = run_until_checkpoint(args, out, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in stderr
+    assert "SIGTERM" in stderr and "--resume" in stderr, stderr[-1000:]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] >= 3
+    assert f"at step {ckpt['step']}" in stderr                 # the saved step is the step it stopped at
+
+
+class Payload:
+    """Unpickling this runs a shell command (as a malicious checkpoint would)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "ran"
+    bad = tmp_path / "checkpoint.pt"
+    torch.save({"format": train.CHECKPOINT_FORMAT, "config": {}, "model": Payload(marker)}, bad)
+    with pytest.raises(train.CheckpointError, match="refused"):
+        train.read_checkpoint(bad)
+    assert not marker.exists()
+    r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(bad)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "refused" in r.stderr
+    assert not marker.exists()
+    # the payload is real: an unsafe load of the same kind of file does run it
+    armed = tmp_path / "armed.pt"
+    torch.save({"x": Payload(tmp_path / "ran-unsafely")}, armed)
+    torch.load(armed, weights_only=False)
+    assert (tmp_path / "ran-unsafely").exists()
+
+
+def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import torch.nn.functional as F
+
+    calls = {"n": 0}
+    real = F.mse_loss
+
+    def poisoned(a, b, *args, **kwargs):   # train.py calls mse_loss once per step for the reconstruction loss
+        value = real(a, b, *args, **kwargs)
+        if a.shape[1] == 3 and a.requires_grad:
+            calls["n"] += 1
+            if calls["n"] >= 7:
+                return value * float("nan")
+        return value
+
+    monkeypatch.setattr(train.F, "mse_loss", poisoned)
+    c = tiny(str(tmp_path / "run"), 4)
+    c.steps, c.eval_every, c.checkpoint_every, c.log_every = 20, 20, 2, 10
+    with pytest.raises(FloatingPointError, match="at step 7"):
+        train.train(c)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 6
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())

@@ -75,7 +75,7 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     straight = tmp_path / "straight"
-    r = subprocess.run([sys.executable, "train.py", *TINY_FLAGS, "--steps", "40", "--eval-every", "40",
+    r = subprocess.run([sys.executable, "train.py", *TINY_FLAGS, "--steps", "20", "--eval-every", "20",
                         "--checkpoint-every", "5", "--out", str(straight)], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

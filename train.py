@@ -74,7 +74,7 @@ class Config:
     rotation_trick: bool = False    # rotation-trick gradients through the vq quantizer (arXiv 2410.06424)
     fsq_levels: str = ""            # FSQ levels, e.g. 8,5,5,5 (empty: the paper's choice for num_embeddings)
     # optimisation
-    steps: int = 1500               # optimizer steps in total (a resumed run continues up to this number)
+    steps: int = 1000               # optimizer steps in total (a resumed run continues up to this number)
     batch_size: int = 32            # images per step
     lr: float = 2e-4                # Adam learning rate (the paper's 2e-4)
     seed: int = 0                   # seeds the weights and the order and augmentation of batches

@@ -153,3 +153,46 @@ def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpo
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 6
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_readable(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    train.atomic_save({"step": 1, "weights": torch.ones(3)}, path)
+
+    def dies_halfway(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip file")          # some bytes reach the disk, then the process "dies"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        train.atomic_save({"step": 2, "weights": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]   # no temporary file left behind
+
+
+def test_tiny_huge_and_bomb_images(tmp_path):
+    """A 1x1 and a 2x3 image are upscaled; a 4000x3000 photo is decoded at a reduced scale; an image over PIL's
+    decompression-bomb limit is skipped with a warning that names it, and the rest train."""
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from image_data import ImageSkippedWarning, build_data
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (1, 1), (10, 200, 30)).save(folder / "dot.png")
+    Image.new("L", (2, 3), 77).save(folder / "speck.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (3000, 4000, 3), dtype=np.uint8)).save(
+        folder / "big.jpg", quality=70)
+    Image.new("1", (20000, 10000)).save(folder / "bomb.png")              # 200 megapixels, a few KB on disk
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = build_data(str(folder), 16, val_fraction=0.5, num_workers=0)   # warnings raised in this process
+    skipped = [str(w.message) for w in caught if issubclass(w.category, ImageSkippedWarning)]
+    assert len(skipped) == 1 and "bomb.png" in skipped[0]
+    items = [data.train[i][0] for i in range(len(data.train))] + [data.val[i][0] for i in range(len(data.val))]
+    assert len(items) == 3 and all(x.shape == (3, 16, 16) for x in items)
+    assert any(torch.equal(x[:, 0, 0], torch.tensor([10, 200, 30], dtype=torch.uint8)) for x in items)

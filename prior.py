@@ -1,0 +1,223 @@
+"""A gated PixelCNN prior over VQ-VAE code maps, from "Conditional Image Generation with PixelCNN Decoders"
+(van den Oord, Kalchbrenner, Vinyals, Espeholt, Graves, Kavukcuoglu, 2016, arXiv 1606.05328), as used for the
+prior in section 3.2 of the VQ-VAE paper (arXiv 1711.00937).
+
+The model factorises a map of h x w codes in raster order (eq. 1 of 1606.05328):
+    p(z) = prod_{i,j} p(z_ij | z_<ij, y)        z_<ij: the codes in rows above, and left of j in row i
+with a K-way softmax per position and an optional class label y.
+
+Two stacks of convolutions carry the context, so the receptive field has no blind spot (section 2.2):
+
+- the vertical stack sees every code in the rows strictly above: its input is the code embeddings shifted down by
+  one row, and each of its convolutions is (k//2 + 1) x k, padded above and on both sides, never below;
+- the horizontal stack sees the codes strictly left in the same row: its input is shifted right by one column,
+  and each of its convolutions is 1 x (k//2 + 1), padded on the left only. It also receives the vertical stack's
+  features at the same position through a 1x1 convolution (they already exclude row i, so no further shift).
+
+After L layers the logits at (i, j) depend on exactly the codes in rows i-1-L*(k//2) .. i-1, columns
+j-L*(k//2) .. j+L*(k//2), and on row i, columns j-1-L*(k//2) .. j-1; the tests check this set position by position
+with the Jacobian.
+
+Each layer is the gated block of Figure 2 (eq. 2 and 4): y = tanh(W_f * x + V_f^T h) * sigmoid(W_g * x + V_g^T h),
+where h is the one-hot class, so V^T h is a learned bias per class; the horizontal stack has a residual connection (1x1 convolution of the gated output
+added to its input) and a 1x1 skip connection; the skips of all layers are summed and mapped by
+ELU-1x1-ELU-1x1 to K logits per position.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def down_shift(x: Tensor) -> Tensor:
+    """(B, C, H, W): row i takes row i-1's values, row 0 zeros; position (i, j) then sees only rows above i."""
+    return F.pad(x, (0, 0, 1, 0))[:, :, :-1, :]
+
+
+def right_shift(x: Tensor) -> Tensor:
+    """(B, C, H, W): column j takes column j-1's values, column 0 zeros."""
+    return F.pad(x, (1, 0, 0, 0))[:, :, :, :-1]
+
+
+def gate(x: Tensor) -> Tensor:
+    """(B, 2C, H, W) -> (B, C, H, W): tanh(first half) * sigmoid(second half), the gated unit of eq. 2."""
+    a, b = x.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+def linear_1x1(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A 1x1 convolution applied to vectors: (B, C_in) -> (B, C_out)."""
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
+
+
+class GatedLayer(nn.Module):
+    """One gated block of Figure 2 (arXiv 1606.05328): (v, h) -> (v', h', skip), all (B, C, H, W).
+
+    v' = gate(Wv * v + bias_v[y]), the vertical stack (no residual, as in the paper);
+    h' = h + W_res gate(Wh * h + W_link (Wv * v) + bias_h[y]), the horizontal stack with its residual;
+    skip = W_skip gate(...) of the horizontal stack.
+    The convolutions are padded so that v' at row i depends on v at rows <= i only, and h' at column j on h at
+    columns <= j only; the inputs of the first layer are already shifted, which makes both strict.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, num_classes: int = 0, dropout: float = 0.0):
+        super().__init__()
+        self.pad = kernel_size // 2
+        self.v_conv = nn.Conv2d(channels, 2 * channels, (self.pad + 1, kernel_size))   # rows i-pad..i
+        self.h_conv = nn.Conv2d(channels, 2 * channels, (1, self.pad + 1))             # columns j-pad..j
+        self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
+        self.h_residual = nn.Conv2d(channels, channels, 1)
+        self.h_skip = nn.Conv2d(channels, channels, 1)
+        # the class-conditional biases V_f^T h and V_g^T h of eq. 4, one for each stack
+        self.class_bias = nn.Embedding(num_classes, 4 * channels) if num_classes else None
+        self.dropout = nn.Dropout(dropout)
+
+    def vertical(self, v: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """v (B, C, H, W) -> (v' (B, C, H, W), the link into the horizontal stack (B, 2C, H, W))."""
+        p = self.pad
+        v_pre = self.v_conv(F.pad(v, (p, p, p, 0)))                            # (B, 2C, H, W)
+        link = self.v_to_h(v_pre)                                              # (B, 2C, H, W)
+        if self.class_bias is not None:
+            v_pre = v_pre + self.class_bias(labels)[:, :2 * v.shape[1], None, None]
+        return gate(v_pre), link
+
+    def horizontal(self, h: Tensor, link: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """h (B, C, H, W) and the link from `vertical` -> (h' (B, C, H, W), skip (B, C, H, W))."""
+        h_pre = self.h_conv(F.pad(h, (self.pad, 0, 0, 0))) + link              # (B, 2C, H, W)
+        if self.class_bias is not None:
+            h_pre = h_pre + self.class_bias(labels)[:, 2 * h.shape[1]:, None, None]
+        gated = self.dropout(gate(h_pre))                                      # (B, C, H, W)
+        return h + self.h_residual(gated), self.h_skip(gated)
+
+    def horizontal_step(self, window: Tensor, link: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """`horizontal` at one position, for sampling: window (B, C, k//2 + 1), the layer's input at columns
+        j-k//2..j (zeros left of column 0), and link (B, 2C) at column j -> (h' (B, C), skip (B, C)) at column j.
+        The same arithmetic as `horizontal`, as matrix products on vectors instead of convolutions on maps."""
+        h_pre = F.linear(window.flatten(1), self.h_conv.weight.flatten(1), self.h_conv.bias) + link   # (B, 2C)
+        if self.class_bias is not None:
+            h_pre = h_pre + self.class_bias(labels)[:, h_pre.shape[1]:]
+        gated = gate(h_pre)                                                                         # (B, C)
+        return window[:, :, -1] + linear_1x1(self.h_residual, gated), linear_1x1(self.h_skip, gated)
+
+    def forward(self, v: Tensor, h: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        v, link = self.vertical(v, labels)
+        h, skip = self.horizontal(h, link, labels)
+        return v, h, skip
+
+
+class GatedPixelCNN(nn.Module):
+    """Autoregressive prior p(z | y) over (B, H, W) maps of integer codes in [0, K).
+
+    num_embeddings: K, the number of codes (the VQ-VAE's codebook size); the output is K logits per position.
+    num_classes: number of class labels y for conditioning (eq. 4); 0 for an unconditional prior.
+    channels: width of both stacks (the paper's p); each gated convolution produces 2 * channels.
+    num_layers: gated layers; with kernel_size k each adds k//2 to the reach up, left and right.
+    kernel_size: k, the width of the vertical stack's (k//2 + 1) x k convolutions (odd).
+    dropout: dropout rate on the horizontal stack's gated output, before its residual and skip convolutions.
+    Example: GatedPixelCNN(512)(torch.zeros(8, 16, 16, dtype=torch.long)).shape == (8, 512, 16, 16).
+    """
+
+    def __init__(self, num_embeddings: int, num_classes: int = 0, channels: int = 64, num_layers: int = 8,
+                 kernel_size: int = 5, dropout: float = 0.0):
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+        self.num_embeddings, self.num_classes = num_embeddings, num_classes
+        self.num_layers, self.kernel_size = num_layers, kernel_size
+        self.embedding = nn.Embedding(num_embeddings, channels)
+        self.layers = nn.ModuleList([GatedLayer(channels, kernel_size, num_classes, dropout)
+                                     for _ in range(num_layers)])
+        self.head_hidden = nn.Conv2d(channels, channels, 1)
+        self.head_out = nn.Conv2d(channels, num_embeddings, 1)
+
+    def forward(self, codes: Tensor, labels: Tensor | None = None) -> Tensor:
+        """(B, H, W) int codes [, (B,) labels] -> (B, K, H, W) logits of p(z_ij | z_<ij, y)."""
+        x = self.embedding(codes).permute(0, 3, 1, 2)             # (B, H, W, C) -> (B, C, H, W)
+        return self.forward_embedded(x, labels)
+
+    def forward_embedded(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """The same from code embeddings (B, C, H, W): the Jacobian tests differentiate through this."""
+        if (labels is None) != (self.num_classes == 0):
+            raise ValueError("pass labels exactly when the prior is class-conditional "
+                             f"(num_classes = {self.num_classes})")
+        v, h = down_shift(x), right_shift(x)                       # strictly above; strictly left
+        skips = 0
+        for layer in self.layers:
+            v, h, skip = layer(v, h, labels)
+            skips = skips + skip
+        return self.head_out(F.elu(self.head_hidden(F.elu(skips))))    # (B, K, H, W)
+
+    def nll(self, codes: Tensor, labels: Tensor | None = None) -> Tensor:
+        """(B, H, W) codes -> (B,) negative log-likelihood -log p(z | y) of each map, in nats, summed over it."""
+        logits = self(codes, labels).float()
+        return F.cross_entropy(logits, codes, reduction="none").flatten(1).sum(1)
+
+    @torch.no_grad()
+    def sample(self, num: int, shape: tuple[int, int], temperature: float = 1.0, labels: Tensor | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+        """Draw `num` code maps of `shape` (h, w) in raster order: (num, h, w) int64 in [0, K).
+
+        temperature: the logits are divided by it before the softmax (1: the model's distribution; below 1:
+        sharper). labels: (num,) class labels for a conditional prior. generator: a torch.Generator on the
+        model's device, for reproducible samples. The model is put in eval mode (no dropout) and back.
+
+        The result is the same as running the whole network once per position, only faster (the caching of
+        Ramachandran et al. 2017, arXiv 1704.06001): a layer's output at (i, j) needs its input at rows i-k//2..i
+        (vertical stack) or at columns j-k//2..j of row i (horizontal stack) only, and those never change once
+        computed. So each layer keeps its inputs in a buffer and computes one new row of the vertical stack per
+        row, and one new position of the horizontal stack per position. On the CPU the loop runs on one thread:
+        its thousands of small operations gain nothing from intra-op threads, and lose a lot to their
+        synchronisation when other processes share the cores.
+        """
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if (labels is None) != (self.num_classes == 0):
+            raise ValueError("pass labels exactly when the prior is class-conditional "
+                             f"(num_classes = {self.num_classes})")
+        was_training, threads = self.training, torch.get_num_threads()
+        self.eval()
+        if self.embedding.weight.device.type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            return self._sample(num, shape, temperature, labels, generator)
+        finally:
+            torch.set_num_threads(threads)
+            self.train(was_training)
+
+    def _sample(self, num: int, shape: tuple[int, int], temperature: float, labels: Tensor | None,
+                generator: torch.Generator | None) -> Tensor:
+        weight = self.embedding.weight
+        height, width = shape
+        p, channels = self.kernel_size // 2, weight.shape[1]
+        codes = torch.zeros(num, height, width, dtype=torch.long, device=weight.device)
+        if labels is not None:
+            labels = labels.to(weight.device)
+        # v_in[l]: the input of layer l's vertical stack, filled row by row; v_in[0] is the down-shifted embedding
+        v_in = [weight.new_zeros(num, channels, height, width) for _ in self.layers]
+        for i in range(height):
+            if i > 0:
+                v_in[0][:, :, i] = self.embedding(codes[:, i - 1]).transpose(1, 2)    # (B, W, C) -> (B, C, W)
+            links = []
+            for l, layer in enumerate(self.layers):
+                v, link = layer.vertical(v_in[l][:, :, max(0, i - p):i + 1], labels)  # rows i-p..i -> row i last
+                links.append(link[:, :, -1:])                                         # (B, 2C, 1, W)
+                if l + 1 < len(self.layers):
+                    v_in[l + 1][:, :, i] = v[:, :, -1]
+            # h_in[l]: the input of layer l's horizontal stack along row i, with k//2 columns of zeros on the left;
+            # h_in[0] is the right-shifted embedding
+            h_in = [weight.new_zeros(num, channels, p + width) for _ in self.layers]
+            for j in range(width):
+                if j > 0:
+                    h_in[0][:, :, p + j] = self.embedding(codes[:, i, j - 1])          # (B, C)
+                skips = 0
+                for l, layer in enumerate(self.layers):
+                    h, skip = layer.horizontal_step(h_in[l][:, :, j:j + p + 1], links[l][:, :, 0, j], labels)
+                    skips = skips + skip                                               # (B, C)
+                    if l + 1 < len(self.layers):
+                        h_in[l + 1][:, :, p + j] = h
+                hidden = linear_1x1(self.head_hidden, F.elu(skips))
+                logits = linear_1x1(self.head_out, F.elu(hidden)).float()              # (B, K)
+                probs = F.softmax(logits / temperature, dim=1)
+                codes[:, i, j] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return codes

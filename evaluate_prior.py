@@ -1,0 +1,259 @@
+"""Evaluate a trained PixelCNN prior: the validation NLL of the codes, a unigram baseline, and an upper bound on the
+images' bits per dimension (arXiv 1711.00937, section 3.2; the prior of arXiv 1606.05328).
+
+    python evaluate_prior.py --checkpoint runs/sample-prior/checkpoint.pt [--time-sampling]
+
+The method, step by step:
+
+1. Prior NLL: -log p(z | y) of every validation code map in the prior's codes file (the VQ-VAE's codes of the
+   validation images, un-augmented), averaged over codes: nats per code, and bits per code = nats / ln 2.
+2. Unigram baseline: p_uni(k) = (n_k + 1) / (N + K), the codes' own frequencies counted over the TRAINING maps
+   (add-one smoothing, so a code never seen in training keeps a non-zero probability), evaluated as a cross-entropy
+   on the VALIDATION codes, -mean_ij log p_uni(z_ij). For reference the entropy of the validation codes' own
+   frequencies is printed too: no position-independent model does better on them, even one fitted to them.
+3. Bits per dimension. An image x has D = 3 * H * W dimensions of 256 levels; z = encode(x) is its code map. Since
+   p(x) = sum_z' p(x | z') p(z') >= p(x | z) p(z), which is the ELBO of section 3.2 with the encoder's one-hot
+   posterior (entropy zero),
+       bits/dim(x) = -log2 p(x) / D  <=  ( NLL_prior(z) + NLL_decoder(x | z) ) / (D ln 2),
+   with both NLLs in nats per image, averaged over the validation images. The decoder likelihood p(x | z) treats the
+   D values as independent Gaussians whose mean is the decoder's output in pixel units, 255 * (decode(z) + 0.5),
+   with one scale sigma for all, discretised to the 256 levels (level 0 takes the tail below 0.5, level 255 the
+   tail above 254.5). The Gaussian is the likelihood the VQ-VAE's MSE objective assumes; sigma is fitted by maximum
+   likelihood on the TRAINING images (one un-augmented pass) and evaluated on the VALIDATION images. The bound is
+   printed for three priors with the same decoder term: uniform (ln K nats per code, what the VQ-VAE's training
+   assumes), unigram, and the PixelCNN.
+
+The last line printed is one JSON object with every number. --time-sampling adds the median time of drawing 16 maps
+(the prior's map size) over --runs runs, after one warm-up run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+from torch import Tensor
+
+from extract_codes import read_codes
+from image_data import DataError, build_data, eval_loader
+from train import CheckpointError, ConfigError, config_from_dict, pick_device, quiet_warnings
+from train_prior import load_prior, nll_metrics, nll_per_map
+
+# ---------------------------------------------------------------------------------------------------------------
+# Unigram baseline
+
+
+def unigram_cross_entropy(train_codes: Tensor, val_codes: Tensor, num_embeddings: int) -> float:
+    """-mean log p_uni(z) over `val_codes`, p_uni = add-one-smoothed frequencies of `train_codes`; nats per code."""
+    counts = torch.bincount(train_codes.flatten().long(), minlength=num_embeddings).double() + 1.0   # (K,)
+    log_p = counts.log() - counts.sum().log()
+    return -log_p[val_codes.flatten().long()].mean().item()
+
+
+def empirical_entropy(codes: Tensor, num_embeddings: int) -> float:
+    """Entropy (nats) of the frequency distribution of `codes` itself."""
+    p = torch.bincount(codes.flatten().long(), minlength=num_embeddings).double()
+    p = p / p.sum()
+    return -torch.special.xlogy(p, p).sum().item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoder likelihood: a discretised Gaussian over the 256 levels
+
+
+def discretized_gaussian_log_prob(x: Tensor, mean: Tensor, sigma: float) -> Tensor:
+    """log P(x | mean, sigma) for integer levels x in 0..255 of a Gaussian N(mean, sigma^2) (pixel units)
+    discretised to the bins [x - 0.5, x + 0.5], level 0 taking (-inf, 0.5] and level 255 [254.5, inf); float64.
+
+    P = Phi(b) - Phi(a) with a = (x - 0.5 - mean) / sigma, b = (x + 0.5 - mean) / sigma; computed as
+    log Phi(b) + log(1 - Phi(a) / Phi(b)), after reflecting (a, b) -> (-b, -a) where a > 0 so that the arguments
+    stay in the accurate left tail of log_ndtr."""
+    x, mean = x.double(), mean.double()
+    a = torch.where(x <= 0, -math.inf, (x - 0.5 - mean) / sigma)
+    b = torch.where(x >= 255, math.inf, (x + 0.5 - mean) / sigma)
+    flip = a > 0
+    a, b = torch.where(flip, -b, a), torch.where(flip, -a, b)
+    log_b, log_a = torch.special.log_ndtr(b), torch.special.log_ndtr(a)
+    return log_b + torch.log1p(-torch.exp(log_a - log_b))
+
+
+def fit_sigma(x: Tensor, mean: Tensor, low: float = 0.05, high: float = 255.0, iterations: int = 60) -> float:
+    """The sigma of maximum likelihood, by golden-section search on log sigma in [low, high]."""
+    def nll(log_sigma: float) -> float:
+        return -discretized_gaussian_log_prob(x, mean, math.exp(log_sigma)).sum().item()
+
+    lo, hi = math.log(low), math.log(high)
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fc, fd = nll(c), nll(d)
+    for _ in range(iterations):
+        if fc < fd:
+            hi, d, fd = d, c, fc
+            c = hi - ratio * (hi - lo)
+            fc = nll(c)
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + ratio * (hi - lo)
+            fd = nll(d)
+    return math.exp((lo + hi) / 2)
+
+
+@torch.no_grad()
+def decoder_means(vqvae, images: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    """uint8 images (B, 3, S, S) -> (codes (B, S/4, S/4), decoder means in pixel units (B, 3, S, S) float64), CPU."""
+    codes = vqvae.encode(images.to(device).float().div(255).sub(0.5))
+    mean = (vqvae.decode(codes).double() + 0.5) * 255
+    return codes.cpu(), mean.cpu()
+
+
+def decoder_term(vqvae, vq_config, val_codes: Tensor, device: torch.device, max_fit_images: int = 2000,
+                 batch_size: int = 64) -> dict:
+    """The decoder's NLL -ln p(x | z) in nats per validation image, with sigma fitted on the training images."""
+    splits = build_data(vq_config.data, vq_config.image_size, vq_config.data_root, download=False,
+                        val_fraction=vq_config.val_fraction)
+    # fit sigma on (an evenly spaced subset of) the training split, un-augmented
+    step = max(1, len(splits.train) // max_fit_images)
+    subset = torch.utils.data.Subset(splits.train, range(0, len(splits.train), step))
+    xs, means = [], []
+    for images, _ in eval_loader(subset, batch_size):
+        if len(images):
+            _, mean = decoder_means(vqvae, images, device)
+            xs.append(images)
+            means.append(mean)
+    sigma = fit_sigma(torch.cat(xs), torch.cat(means))
+    # evaluate on the validation split, whose codes must be the codes file's
+    total, count, dims, start = 0.0, 0, 0, 0
+    for images, _ in eval_loader(splits.val, batch_size):
+        if not len(images):
+            continue
+        codes, mean = decoder_means(vqvae, images, device)
+        stored = val_codes[start:start + len(images)].long()
+        if codes.shape != stored.shape or not torch.equal(codes, stored):
+            raise CheckpointError("the validation images no longer encode to the codes in the prior's codes file "
+                                  "(the data or the VQ-VAE changed): run extract_codes.py again")
+        start += len(images)
+        total -= discretized_gaussian_log_prob(images, mean, sigma).sum().item()
+        count += len(images)
+        dims = images[0].numel()
+    if start != len(val_codes):
+        raise CheckpointError(f"the validation split has {start} images but the codes file {len(val_codes)} maps: "
+                              f"run extract_codes.py again")
+    return {"sigma": sigma, "nats_per_image": total / count, "dims": dims, "num_images": count,
+            "fit_images": len(subset)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def sampling_time(prior, shape: tuple[int, int], num: int = 16, runs: int = 5, labels: Tensor | None = None) -> dict:
+    """Median and all wall-clock times (seconds) of `prior.sample(num, shape)`, after one warm-up run."""
+    device = prior.embedding.weight.device
+
+    def once(seed: int) -> float:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        start = time.perf_counter()
+        prior.sample(num, shape, labels=labels, generator=generator)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    once(0)
+    times = [once(seed) for seed in range(1, runs + 1)]
+    return {"num": num, "shape": list(shape), "median_s": statistics.median(times), "times_s": times,
+            "threads": torch.get_num_threads(), "device": str(device)}
+
+
+def evaluate_prior(checkpoint: str, device: torch.device, bits_per_dim: bool = True, time_runs: int = 0) -> dict:
+    from sample import class_labels, load_vqvae_for
+
+    prior, _, ckpt = load_prior(checkpoint, device)
+    codes = read_codes(ckpt["codes"])
+    k, (h, w) = ckpt["model_args"]["num_embeddings"], ckpt["map_shape"]
+    conditional = prior.num_classes > 0
+    val_codes = codes["val_codes"]
+    nll = nll_per_map(prior, val_codes, codes["val_labels"] if conditional else None, device)   # (N,) nats
+    prior_nats = nll_metrics(nll, h * w)["nll_nats"]
+    unigram = unigram_cross_entropy(codes["train_codes"], val_codes, k)
+    report = {
+        "checkpoint": checkpoint, "codes": ckpt["codes"], "step": ckpt["step"], "num_embeddings": k,
+        "map_shape": [h, w], "val_maps": len(val_codes), "train_maps": len(codes["train_codes"]),
+        "prior_nats_per_code": prior_nats, "prior_bits_per_code": prior_nats / math.log(2),
+        "unigram_nats_per_code": unigram, "unigram_bits_per_code": unigram / math.log(2),
+        "val_entropy_nats_per_code": empirical_entropy(val_codes, k),
+        "uniform_nats_per_code": math.log(k),
+        "reduction_vs_unigram": 1 - prior_nats / unigram,
+    }
+    if bits_per_dim:
+        vqvae = load_vqvae_for(ckpt, device)
+        dec = decoder_term(vqvae, config_from_dict(ckpt["vqvae"]["config"]), val_codes, device)
+        scale = 1 / (dec["dims"] * math.log(2))                       # nats per image -> bits per dimension
+        report.update({
+            "decoder_sigma": dec["sigma"], "decoder_nats_per_image": dec["nats_per_image"],
+            "decoder_bits_per_dim": dec["nats_per_image"] * scale, "dims_per_image": dec["dims"],
+            "sigma_fit_images": dec["fit_images"],
+            "bpd_prior_term": {name: nats * h * w * scale for name, nats in
+                               (("uniform", math.log(k)), ("unigram", unigram), ("pixelcnn", prior_nats))},
+        })
+        report["bits_per_dim_bound"] = {name: term + report["decoder_bits_per_dim"]
+                                        for name, term in report["bpd_prior_term"].items()}
+    if time_runs:
+        labels = class_labels(None, ckpt["classes"], 16, conditional)
+        report["sampling"] = sampling_time(prior, (h, w), 16, time_runs, labels)
+    return report
+
+
+def print_report(r: dict) -> None:
+    print(f"prior {r['checkpoint']} (step {r['step']}), K = {r['num_embeddings']}, {r['map_shape'][0]}x"
+          f"{r['map_shape'][1]} code maps; {r['train_maps']} training and {r['val_maps']} validation maps")
+    print("validation NLL of the codes          nats/code  bits/code")
+    for name, key in (("uniform (ln K)", "uniform"), ("unigram (train freq., on val)", "unigram"),
+                      ("val codes' own entropy", "val_entropy"), ("gated PixelCNN", "prior")):
+        nats = r[f"{key}_nats_per_code"]
+        print(f"  {name:34s} {nats:9.4f}  {nats / math.log(2):9.4f}")
+    print(f"PixelCNN vs unigram: {r['reduction_vs_unigram']:.1%} lower (floor: 25%) -> "
+          f"{'PASS' if r['reduction_vs_unigram'] >= 0.25 else 'FAIL'}")
+    if "bits_per_dim_bound" in r:
+        print(f"decoder term: discretised Gaussian, sigma = {r['decoder_sigma']:.3f} levels (fitted on "
+              f"{r['sigma_fit_images']} training images): {r['decoder_bits_per_dim']:.4f} bits/dim")
+        print("bits/dim upper bound = (NLL_prior(z) + NLL_decoder(x|z)) / (D ln 2), D = "
+              f"{r['dims_per_image']}:")
+        for name in ("uniform", "unigram", "pixelcnn"):
+            print(f"  prior {name:9s} {r['bpd_prior_term'][name]:.4f} + {r['decoder_bits_per_dim']:.4f} = "
+                  f"{r['bits_per_dim_bound'][name]:.4f} bits/dim")
+    if "sampling" in r:
+        s = r["sampling"]
+        print(f"sampling {s['num']} maps of {s['shape'][0]}x{s['shape'][1]} on {s['device']} ({s['threads']} threads): "
+              f"median {s['median_s']:.2f} s of {len(s['times_s'])} runs (floor: 10 s) -> "
+              f"{'PASS' if s['median_s'] < 10 else 'FAIL'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt of a prior run (train_prior.py)")
+    parser.add_argument("--no-bits-per-dim", dest="bits_per_dim", action="store_false",
+                        help="skip the decoder term (needs the VQ-VAE and the images)")
+    parser.add_argument("--time-sampling", action="store_true", help="also time sampling 16 maps")
+    parser.add_argument("--runs", type=int, default=5, help="timed sampling runs (median reported)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    args = parser.parse_args(argv)
+    quiet_warnings()
+    try:
+        if args.runs < 1:
+            raise ConfigError(f"--runs must be at least 1, got {args.runs}")
+        report = evaluate_prior(args.checkpoint, pick_device(args.device), args.bits_per_dim,
+                                args.runs if args.time_sampling else 0)
+    except (ConfigError, CheckpointError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_report(report)
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Encode a dataset with a trained VQ-VAE (arXiv 1711.00937) into integer code maps for a prior to learn.
+
+    python extract_codes.py --checkpoint runs/sample/checkpoint.pt --passes 20     # -> runs/sample/codes.pt
+
+The VQ-VAE is rebuilt from its checkpoint (`train.load_checkpoint`), kept in eval mode and only asked for
+`encode(x)`: its weights and buffers (the EMA codebook statistics included) are bit-identical afterwards. The data
+is the checkpoint's own (`--data` names another) at the checkpoint's image size.
+
+- Training split: `--passes N` passes. Pass 0 takes every image as it is (un-augmented); passes 1..N-1 take an
+  augmented copy of each (a random flip, and for the `sample` photos a random crop), drawn from the seed
+  (pass * 1_000_003 + index), so the same command always writes the same file. A prior needs many more code maps
+  than the ~260 grid crops of the sample's training split; for datasets whose only augmentation is a flip, passes
+  beyond 2 repeat maps.
+- Validation split: one un-augmented pass, in order.
+
+The output is a `.pt` file of plain tensors and values (loadable with torch.load(..., weights_only=True)):
+train_codes / val_codes (N, h, w) as uint8 when K <= 256 (int16 up to 32768, else int32), train_labels /
+val_labels (N,) int64 (the class index; 0 for data without classes), classes (names; empty without classes),
+num_embeddings (K), and the VQ-VAE's checkpoint path and config, so the prior can find the decoder again.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from image_data import CachedImages, DataError, PhotoCrops, build_data, collate, default_workers
+from train import CheckpointError, ConfigError, load_checkpoint, pick_device, quiet_warnings
+from train import atomic_save
+
+CODES_FORMAT = "vqvae-codes-v1"
+
+
+def code_dtype(num_embeddings: int) -> torch.dtype:
+    """The smallest integer type that holds every code index 0..K-1."""
+    if num_embeddings <= 256:
+        return torch.uint8
+    return torch.int16 if num_embeddings <= 32768 else torch.int32
+
+
+def read_plain_file(path: str | Path, fmt: str, what: str) -> dict:
+    """torch.load a dict of plain tensors and values written by this repo (weights_only: a file that carries code
+    is refused, never run) whose "format" is `fmt`; every problem is a one-line CheckpointError."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: pass {what}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            reason = "it holds objects other than tensors and plain values, so it was refused unread"
+        raise CheckpointError(f"cannot load {path}: {reason[:200]}") from None
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        kinds = {"vqvae-checkpoint-v1": "a VQ-VAE checkpoint (train.py)", CODES_FORMAT: "a codes file "
+                 "(extract_codes.py)", "pixelcnn-prior-v1": "a prior checkpoint (train_prior.py)"}
+        found = kinds.get(obj.get("format"), "") if isinstance(obj, dict) else ""
+        raise CheckpointError(f"{path} is {found or 'not a file written by this repo'}: pass {what}")
+    return obj
+
+
+def read_codes(path: str | Path) -> dict:
+    """Load a codes file written by `extract_codes`."""
+    return read_plain_file(path, CODES_FORMAT, "the codes.pt written by extract_codes.py")
+
+
+def default_codes_path(checkpoint: str | Path) -> Path:
+    """codes.pt in the folder of the VQ-VAE checkpoint."""
+    return Path(checkpoint).expanduser().resolve().parent / "codes.pt"
+
+
+def augmentation_seed(pass_index: int, index: int) -> int:
+    return pass_index * 1_000_003 + index
+
+
+@torch.no_grad()
+def encode_dataset(model, dataset: Dataset, keys: list, batch_size: int, device: torch.device,
+                   num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode the items `keys` of `dataset` (integer or (index, seed) keys) -> (codes (N, h, w) int64 on the CPU,
+    labels (N,) int64). Items that cannot be decoded are dropped (with image_data's warning)."""
+    workers = 0 if isinstance(dataset, (CachedImages, PhotoCrops)) else num_workers
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=workers, collate_fn=collate)
+    codes, labels = [], []
+    for images, y in loader:
+        if len(images):
+            x = images.to(device).float().div_(255).sub_(0.5)       # (B, 3, S, S) in [-0.5, 0.5]
+            codes.append(model.encode(x).cpu())                      # (B, S/4, S/4)
+            labels.append(y)
+    if not codes:
+        raise DataError("none of the images could be decoded: check the files")
+    return torch.cat(codes), torch.cat(labels)
+
+
+def extract_codes(checkpoint: str | Path, out: str | Path | None = None, passes: int = 1, data: str | None = None,
+                  batch_size: int = 64, device: str = "auto", progress: bool = True) -> dict:
+    """Encode the training split (`passes` passes, see the module docstring) and the validation split with the
+    VQ-VAE of `checkpoint`; write the codes file to `out` (default: codes.pt beside the checkpoint) and return
+    its contents."""
+    from tqdm.auto import tqdm
+
+    if passes < 1:
+        raise ConfigError(f"--passes must be at least 1, got {passes}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    checkpoint = Path(checkpoint).expanduser().resolve()
+    out = Path(out).expanduser() if out is not None else default_codes_path(checkpoint)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder: pass a file name such as {out / 'codes.pt'}")
+    dev = pick_device(device)
+    model, config, ckpt = load_checkpoint(checkpoint, dev)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    splits = build_data(data or config.data, config.image_size, config.data_root, download=False,
+                        val_fraction=config.val_fraction)
+    workers = default_workers()
+    n = len(splits.train)
+    train_codes, train_labels = [], []
+    for p in tqdm(range(passes), desc="encoding training passes", disable=not progress or passes == 1):
+        keys = list(range(n)) if p == 0 else [(i, augmentation_seed(p, i)) for i in range(n)]
+        codes, labels = encode_dataset(model, splits.train, keys, batch_size, dev, workers)
+        train_codes.append(codes)
+        train_labels.append(labels)
+    val_codes, val_labels = encode_dataset(model, splits.val, list(range(len(splits.val))), batch_size, dev,
+                                           workers)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "encoding changed the VQ-VAE's state"
+    dtype = code_dtype(model.quantizer.num_embeddings)
+    result = {
+        "format": CODES_FORMAT,
+        "train_codes": torch.cat(train_codes).to(dtype),          # (passes * N, h, w)
+        "train_labels": torch.cat(train_labels),                  # (passes * N,)
+        "val_codes": val_codes.to(dtype),                         # (N_val, h, w)
+        "val_labels": val_labels,                                 # (N_val,)
+        "classes": list(splits.classes),
+        "num_embeddings": model.quantizer.num_embeddings,
+        "vqvae_checkpoint": str(checkpoint),
+        "vqvae_config": ckpt["config"],
+        "vqvae_step": ckpt["step"],
+        "data": splits.description,
+        "passes": passes,
+    }
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(result, out)
+    except OSError as err:
+        raise ConfigError(f"cannot write --out {out}: {err.strerror or err}") from None
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt of a VQ-VAE run (train.py)")
+    parser.add_argument("--out", default=None, help="codes file to write (default: codes.pt beside --checkpoint)")
+    parser.add_argument("--passes", type=int, default=1,
+                        help="passes over the training split: the first un-augmented, the others augmented")
+    parser.add_argument("--data", default=None, help="image folder or sample/food101/cifar10 "
+                                                     "(default: the checkpoint's own data)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show a progress bar over the passes")
+    args = parser.parse_args(argv)
+    quiet_warnings()
+    try:
+        result = extract_codes(args.checkpoint, args.out, args.passes, args.data, args.batch_size, args.device,
+                               args.progress)
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = args.out or default_codes_path(args.checkpoint)
+    train, val = result["train_codes"], result["val_codes"]
+    used = torch.cat([train.flatten(), val.flatten()]).long().unique().numel()
+    print(f"done: {out} | {len(train)} training maps ({args.passes} passes), {len(val)} validation maps of "
+          f"{tuple(train.shape[1:])} codes | {used} of K = {result['num_embeddings']} codes used | "
+          f"{len(result['classes'])} classes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

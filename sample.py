@@ -1,0 +1,131 @@
+"""Sample new images: draw code maps from a trained PixelCNN prior and decode them with the VQ-VAE it models.
+
+    python sample.py --checkpoint runs/sample-prior/checkpoint.pt --num 16 --out samples.png
+    python sample.py --checkpoint runs/food-prior/checkpoint.pt --class pizza --temperature 0.9 --seed 3
+
+The prior is rebuilt from its checkpoint alone (`train_prior.load_prior`), and the VQ-VAE from the checkpoint the
+prior names (`--vqvae` points elsewhere if it has moved). Codes are drawn position by position in raster order from
+softmax(logits / temperature); the same --seed on the same device gives the same images. For a class-conditional
+prior, --class picks the class (its name or index); without it the samples go through the classes in turn.
+The images are written as one PNG grid, `--nrow` per row.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from models import VQVAE
+from prior import GatedPixelCNN
+from train import CheckpointError, ConfigError, load_checkpoint, pick_device, quiet_warnings
+from train_prior import load_prior
+
+
+def load_vqvae_for(prior_ckpt: dict, device: torch.device, override: str | None = None) -> VQVAE:
+    """The VQ-VAE whose codes the prior models (or `override`), in eval mode; its codebook size must match."""
+    named = prior_ckpt["vqvae"]["checkpoint"]
+    path = Path(override).expanduser() if override else Path(named)
+    if not path.is_file():
+        hint = "" if override else ": it has moved or was deleted; pass --vqvae with its checkpoint.pt"
+        raise CheckpointError(f"the VQ-VAE checkpoint {path} does not exist{hint}")
+    vqvae, _, ckpt = load_checkpoint(path, device)
+    k = prior_ckpt["model_args"]["num_embeddings"]
+    if vqvae.quantizer.num_embeddings != k:
+        raise CheckpointError(f"{path} has {vqvae.quantizer.num_embeddings} codes but the prior models {k}: pass "
+                              f"the VQ-VAE the prior was trained on ({named})")
+    if ckpt["config"] != prior_ckpt["vqvae"]["config"] or ckpt["step"] != prior_ckpt["vqvae"]["step"]:
+        warnings.warn(f"{path} is not the VQ-VAE the prior was trained on ({named}, step "
+                      f"{prior_ckpt['vqvae']['step']}): the samples may not look like its images", stacklevel=2)
+    return vqvae
+
+
+def class_labels(choice: str | None, classes: list[str], num: int, conditional: bool) -> torch.Tensor | None:
+    """(num,) labels for a conditional prior: `choice` (a class name or index) for all, or 0, 1, 2, ... in turn;
+    None for an unconditional prior (where a `choice` is an error)."""
+    if not conditional:
+        if choice is not None:
+            raise ConfigError("--class was given but this prior is not class-conditional "
+                              "(its codes file has no classes, or it was trained with --no-conditional)")
+        return None
+    if choice is None:
+        return torch.arange(num) % len(classes)
+    if choice in classes:
+        return torch.full((num,), classes.index(choice))
+    if choice.lstrip("-").isdigit() and 0 <= int(choice) < len(classes):
+        return torch.full((num,), int(choice))
+    shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+    raise ConfigError(f"--class {choice!r} is neither a class name ({shown}) nor an index from 0 to "
+                      f"{len(classes) - 1}")
+
+
+@torch.no_grad()
+def generate(prior: GatedPixelCNN, vqvae: VQVAE, num: int, shape: tuple[int, int], temperature: float = 1.0,
+             labels: torch.Tensor | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw `num` code maps from the prior and decode them: (codes (num, h, w), images (num, 3, 4h, 4w) in [0, 1]),
+    both on the CPU."""
+    device = prior.embedding.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    codes = prior.sample(num, shape, temperature, labels, generator)                 # (num, h, w)
+    images = (vqvae.decode(codes.to(next(vqvae.parameters()).device)).float() + 0.5).clamp(0, 1)
+    return codes.cpu(), images.cpu()
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> None:
+    import torchvision
+
+    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+    torchvision.utils.save_image(grid, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt of a prior run (train_prior.py)")
+    parser.add_argument("--num", type=int, default=16, help="number of images")
+    parser.add_argument("--temperature", type=float, default=1.0, help="divides the logits (below 1: sharper)")
+    parser.add_argument("--class", dest="class_", default=None, help="class name or index (conditional priors)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the sampling")
+    parser.add_argument("--out", default="samples.png", help="PNG grid to write")
+    parser.add_argument("--nrow", type=int, default=0, help="images per row (default: about a square grid)")
+    parser.add_argument("--vqvae", default=None, help="the VQ-VAE checkpoint to decode with (default: the one the "
+                                                      "prior names)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    args = parser.parse_args(argv)
+    quiet_warnings()
+    try:
+        if args.num < 1:
+            raise ConfigError(f"--num must be at least 1, got {args.num}")
+        if not (args.temperature > 0 and math.isfinite(args.temperature)):
+            raise ConfigError(f"--temperature must be a positive number, got {args.temperature}")
+        if args.nrow < 0:
+            raise ConfigError(f"--nrow must be at least 1 (or 0 for a square grid), got {args.nrow}")
+        out = Path(args.out).expanduser()
+        if out.is_dir() or out.suffix.lower() != ".png":
+            raise ConfigError(f"--out must be the name of a .png file, got {args.out}")
+        device = pick_device(args.device)
+        prior, _, ckpt = load_prior(args.checkpoint, device)
+        labels = class_labels(args.class_, ckpt["classes"], args.num, prior.num_classes > 0)
+        vqvae = load_vqvae_for(ckpt, device, args.vqvae)
+        start = time.perf_counter()
+        codes, images = generate(prior, vqvae, args.num, tuple(ckpt["map_shape"]), args.temperature, labels,
+                                 args.seed)
+        seconds = time.perf_counter() - start
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            save_grid(images, out, args.nrow or math.ceil(math.sqrt(args.num)))
+        except OSError as err:
+            raise ConfigError(f"cannot write --out {out}: {err.strerror or err}") from None
+    except (ConfigError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: {args.num} images of {images.shape[-1]}x{images.shape[-2]} from {tuple(codes.shape[1:])} "
+          f"code maps (seed {args.seed}, temperature {args.temperature}) in {seconds:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,9 +19,9 @@ j-L*(k//2) .. j+L*(k//2), and on row i, columns j-1-L*(k//2) .. j-1; the tests c
 with the Jacobian.
 
 Each layer is the gated block of Figure 2 (eq. 2 and 4): y = tanh(W_f * x + V_f^T h) * sigmoid(W_g * x + V_g^T h),
-where h is the one-hot class, so V^T h is a learned bias per class; the horizontal stack has a residual connection (1x1 convolution of the gated output
-added to its input) and a 1x1 skip connection; the skips of all layers are summed and mapped by
-ELU-1x1-ELU-1x1 to K logits per position.
+where h is the one-hot class, so V^T h is a learned bias per class. The horizontal stack has a residual connection
+(a 1x1 convolution of the gated output added to its input) and a 1x1 skip connection; the skips of all layers are
+summed and mapped by ELU-1x1-ELU-1x1 to K logits per position.
 """
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ y), averaged over codes (nats per code). The run folder (`--out`) receives:
   and the path and config of the VQ-VAE whose codes it models; written atomically, loadable with
   torch.load(..., weights_only=True) and enough to rebuild the prior alone (`load_prior`).
 
-Validation runs over every validation map of the codes file and reports the NLL in nats and bits per code. The VQ-VAE
-itself is never loaded here: the prior sees only the codes file.
+Validation runs in float32 (whatever --amp says for training) over every validation map of the codes file and reports
+the NLL in nats and bits per code. The VQ-VAE itself is never loaded here: the prior sees only the codes file.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import math
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -35,8 +36,8 @@ import torch.nn.functional as F
 from extract_codes import read_codes, read_plain_file
 from image_data import StepBatchSampler
 from prior import GatedPixelCNN
-from train import (CheckpointError, ConfigError, Interrupted, StopOnSignal, atomic_save, parse_args, pick_device,
-                   quiet_warnings, trim_metrics)
+from train import (CheckpointError, ConfigError, Interrupted, StopOnSignal, amp_dtype_for, atomic_save, parse_args,
+                   pick_device, quiet_warnings, trim_metrics)
 
 CHECKPOINT_FORMAT = "pixelcnn-prior-v1"
 
@@ -48,7 +49,7 @@ class PriorConfig:
     # model (gated PixelCNN, arXiv 1606.05328)
     channels: int = 64              # width of the vertical and horizontal stacks
     num_layers: int = 8             # gated layers; each adds kernel_size // 2 to the reach up, left and right
-    kernel_size: int = 5            # k: the vertical stack's convolutions are (k//2 + 1) x k, the horizontal 1 x (k//2 + 1)
+    kernel_size: int = 5            # k (odd): vertical convolutions are (k//2 + 1) x k, horizontal 1 x (k//2 + 1)
     dropout: float = 0.1            # dropout on the horizontal stack's gated output
     conditional: bool = True        # condition on the class labels when the codes file has classes (eq. 4)
     # optimisation
@@ -58,6 +59,7 @@ class PriorConfig:
     seed: int = 0                   # seeds the weights, the order of the maps and the dropout
     # hardware
     device: str = "auto"            # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
+    amp: str = "auto"               # bf16 autocast for training: auto (on CUDA and CPUs with native bf16), bf16, or off
     # run folder and logging
     out: str = "runs/prior"         # run folder: config.json, metrics.jsonl, checkpoint.pt
     resume: bool = False            # continue from the checkpoint in --out (starts fresh if there is none)
@@ -94,6 +96,8 @@ def check_config(c: PriorConfig) -> None:
         raise ConfigError(f"--lr must be a positive number, got {c.lr}")
     if not 0 <= c.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1), got {c.dropout}")
+    if c.amp not in ("auto", "bf16", "off"):
+        raise ConfigError(f"--amp must be auto, bf16 or off, got {c.amp!r}")
 
 
 def model_args(c: PriorConfig, num_embeddings: int, classes: list[str]) -> dict:
@@ -207,6 +211,7 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
     c = config
     check_config(c)
     device = pick_device(c.device)
+    amp_dtype = amp_dtype_for(c.amp, device)
     codes, train_labels, val_labels = load_codes(c.codes, c.conditional)
     out, resume_from = prepare_out(c)
     torch.manual_seed(c.seed)
@@ -264,6 +269,7 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
         if callback is not None:
             callback(record)
 
+    ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     final: dict = dict(resume_from["metrics"]) if resume_from is not None else {}
     if start_step >= c.steps:
         print(f"{out} is already at step {start_step} of {c.steps}: raise --steps to train further")
@@ -277,7 +283,9 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
             index = torch.tensor([i for i, _ in sampler.batch_for_step(step)], device=device)
             z = train_codes[index].long()                                       # (B, h, w)
             y = train_labels[index] if train_labels is not None else None
-            loss = F.cross_entropy(model(z, y).float(), z)                      # nats per code
+            with ctx:
+                logits = model(z, y)                                            # (B, K, h, w)
+            loss = F.cross_entropy(logits.float(), z)                           # nats per code
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

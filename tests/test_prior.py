@@ -5,6 +5,7 @@ Every test runs on the CPU in a few seconds. The pipeline fixture trains a tiny 
 in two class sub-folders (16x16 images, so 4x4 code maps), extracts its codes and trains a tiny prior."""
 import json
 import math
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import train
 import train_prior
 from image_data import build_data
 from prior import GatedPixelCNN
+from test_cli_errors import assert_clean_error, call_main, script   # the helpers of the train.py CLI tests
 from train_prior import PriorConfig
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,19 +127,19 @@ def synthetic_entropy(size: int, k: int, eps: float) -> float:
     return (math.log(k) + (size * size - 1) * h) / (size * size)
 
 
-def write_codes(path: Path, train_codes, val_codes, k: int, classes=(), train_labels=None, val_labels=None):
+def write_codes(path: Path, train_codes, val_codes, k: int):
+    """A codes file as extract_codes.py writes it, for maps made here (no classes, no VQ-VAE)."""
     torch.save({"format": extract_codes.CODES_FORMAT, "train_codes": train_codes.to(torch.uint8),
-                "val_codes": val_codes.to(torch.uint8),
-                "train_labels": train_labels if train_labels is not None else torch.zeros(len(train_codes), dtype=torch.long),
-                "val_labels": val_labels if val_labels is not None else torch.zeros(len(val_codes), dtype=torch.long),
-                "classes": list(classes), "num_embeddings": k, "vqvae_checkpoint": str(path.parent / "none.pt"),
-                "vqvae_config": {}, "vqvae_step": 0, "data": "synthetic", "passes": 1}, path)
+                "val_codes": val_codes.to(torch.uint8), "train_labels": torch.zeros(len(train_codes), dtype=torch.long),
+                "val_labels": torch.zeros(len(val_codes), dtype=torch.long), "classes": [], "num_embeddings": k,
+                "vqvae_checkpoint": str(path.parent / "none.pt"), "vqvae_config": {}, "vqvae_step": 0,
+                "data": "synthetic", "passes": 1}, path)
     return path
 
 
 def prior_config(codes: Path, out: Path, **kw) -> PriorConfig:
     c = PriorConfig(codes=str(codes), out=str(out), channels=8, num_layers=2, kernel_size=3, dropout=0.0, steps=4,
-                    batch_size=8, lr=3e-3, eval_every=2, log_every=1, progress=False, device="cpu")
+                    batch_size=8, lr=3e-3, eval_every=2, log_every=1, progress=False, device="cpu", amp="off")
     return replace(c, **kw)
 
 
@@ -423,3 +425,153 @@ def test_bits_per_dim_report_adds_the_two_terms(pipeline, capsys):
         total -= evaluate_prior.discretized_gaussian_log_prob(x, mean, r["decoder_sigma"]).sum().item()
     assert r["decoder_nats_per_image"] == pytest.approx(total / len(val), rel=1e-6)
     assert r["sampling"]["num"] == 16 and r["sampling"]["median_s"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad inputs of the four scripts: one "error:" line, a non-zero exit, no traceback, nothing overwritten
+
+
+def test_subprocess_sample_missing_checkpoint(tmp_path):
+    r = script("sample.py", "--checkpoint", tmp_path / "missing.pt")
+    assert_clean_error(r.returncode, r.stderr, "missing.pt", "does not exist")
+
+
+def test_subprocess_train_prior_given_a_vqvae_checkpoint(pipeline, tmp_path):
+    r = script("train_prior.py", "--codes", pipeline["vqvae_ckpt"], "--out", tmp_path / "run", "--no-progress")
+    assert_clean_error(r.returncode, r.stderr, "VQ-VAE checkpoint", "extract_codes.py")
+    assert not (tmp_path / "run").exists()
+
+
+def test_subprocess_extract_codes_bad_passes(pipeline, tmp_path):
+    r = script("extract_codes.py", "--checkpoint", pipeline["vqvae_ckpt"], "--passes", "0", "--out",
+               tmp_path / "codes.pt")
+    assert_clean_error(r.returncode, r.stderr, "--passes", "at least 1")
+    assert not (tmp_path / "codes.pt").exists()
+
+
+@pytest.fixture
+def plain_warnings(monkeypatch):
+    """main() swaps warnings.formatwarning for a one-line format; restore it after the test."""
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+
+
+def sample_args(pipeline, tmp_path, *extra):
+    return ["--checkpoint", pipeline["prior_ckpt"], "--device", "cpu", "--num", 2, "--out", tmp_path / "s.png", *extra]
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--num", "0"], ["--num", "at least 1"]),
+    (["--temperature", "0"], ["--temperature", "positive"]),
+    (["--temperature", "-1"], ["--temperature", "positive"]),
+    (["--temperature", "nan"], ["--temperature", "positive"]),
+    (["--nrow", "-2"], ["--nrow"]),
+    (["--class", "horses"], ["--class", "horses", "cats"]),
+    (["--class", "7"], ["--class", "index from 0 to 1"]),
+    (["--device", "nonsense"], ["--device", "nonsense"]),
+    (["--out", "grid.jpg"], ["--out", ".png"]),
+], ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("--") else None)
+def test_sample_bad_flags(extra, words, pipeline, tmp_path, capsys, plain_warnings):
+    rc, _, err = call_main(sample.main, sample_args(pipeline, tmp_path, *extra), capsys)   # a later --out wins
+    assert_clean_error(rc, err, *words)
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_sample_wrong_kinds_of_file(pipeline, tmp_path, capsys, plain_warnings):
+    for path, words in [(tmp_path / "nope.pt", ["nope.pt", "does not exist"]),
+                        (pipeline["vqvae_ckpt"], ["VQ-VAE checkpoint", "prior run"]),
+                        (pipeline["root"] / "codes.pt", ["codes file", "prior run"])]:
+        rc, _, err = call_main(sample.main, ["--checkpoint", path, "--out", tmp_path / "s.png"], capsys)
+        assert_clean_error(rc, err, *words)
+    torch.save({"a": 1}, tmp_path / "other.pt")
+    rc, _, err = call_main(sample.main, ["--checkpoint", tmp_path / "other.pt"], capsys)
+    assert_clean_error(rc, err, "other.pt", "not a file written by this repo")
+    blob = pipeline["prior_ckpt"].read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(blob[: len(blob) // 2])
+    rc, _, err = call_main(sample.main, ["--checkpoint", tmp_path / "truncated.pt"], capsys)
+    assert_clean_error(rc, err, "truncated.pt", "cannot load")
+
+
+def test_sample_when_the_vqvae_has_moved(pipeline, tmp_path, capsys, plain_warnings):
+    ckpt = torch.load(pipeline["prior_ckpt"], weights_only=True)
+    ckpt["vqvae"]["checkpoint"] = str(tmp_path / "moved" / "checkpoint.pt")
+    torch.save(ckpt, tmp_path / "prior.pt")
+    args = ["--checkpoint", tmp_path / "prior.pt", "--device", "cpu", "--num", 2, "--out", tmp_path / "s.png"]
+    rc, _, err = call_main(sample.main, args, capsys)
+    assert_clean_error(rc, err, "moved", "does not exist", "--vqvae")
+    rc, _, err = call_main(sample.main, [*args, "--vqvae", tmp_path / "elsewhere.pt"], capsys)
+    assert_clean_error(rc, err, "elsewhere.pt", "does not exist")
+    rc, _, err = call_main(sample.main, [*args, "--vqvae", pipeline["vqvae_ckpt"]], capsys)   # the positive control
+    assert rc == 0, err
+
+
+def test_class_on_an_unconditional_prior(pipeline, tmp_path, capsys, plain_warnings):
+    train_prior.train_prior(prior_config(pipeline["root"] / "codes.pt", tmp_path / "run", conditional=False, steps=1,
+                                         eval_every=1))
+    args = ["--checkpoint", tmp_path / "run" / "checkpoint.pt", "--device", "cpu", "--num", 2, "--out",
+            tmp_path / "s.png"]
+    rc, _, err = call_main(sample.main, [*args, "--class", "cats"], capsys)
+    assert_clean_error(rc, err, "--class", "not class-conditional")
+    rc, _, err = call_main(sample.main, args, capsys)
+    assert rc == 0, err
+
+
+def test_extract_codes_bad_inputs(pipeline, tmp_path, capsys, plain_warnings):
+    cases = [(["--checkpoint", tmp_path / "nope.pt"], ["nope.pt", "does not exist"]),
+             (["--checkpoint", pipeline["prior_ckpt"]], ["not a checkpoint written by this repo's train.py"]),
+             (["--checkpoint", pipeline["vqvae_ckpt"], "--passes", "-1"], ["--passes"]),
+             (["--checkpoint", pipeline["vqvae_ckpt"], "--batch-size", "0"], ["--batch-size"]),
+             (["--checkpoint", pipeline["vqvae_ckpt"], "--out", tmp_path], ["--out", "is a folder"]),
+             (["--checkpoint", pipeline["vqvae_ckpt"], "--data", tmp_path / "gone"], ["gone", "does not exist"])]
+    for argv, words in cases:
+        rc, _, err = call_main(extract_codes.main, [*argv, "--device", "cpu", "--no-progress"], capsys)
+        assert_clean_error(rc, err, *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--steps", "0"], ["--steps", "at least 1"]),
+    (["--channels", "0"], ["--channels", "at least 1"]),
+    (["--kernel-size", "4"], ["--kernel-size", "odd"]),
+    (["--lr", "0"], ["--lr", "positive"]),
+    (["--lr", "nan"], ["--lr", "positive"]),
+    (["--dropout", "1"], ["--dropout"]),
+    (["--amp", "fp16"], ["--amp", "fp16"]),
+    (["--device", "nonsense"], ["--device", "nonsense"]),
+], ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("--") else None)
+def test_train_prior_bad_flags(extra, words, pipeline, tmp_path, capsys, plain_warnings):
+    rc, _, err = call_main(train_prior.main, ["--codes", pipeline["root"] / "codes.pt", "--out", tmp_path / "run",
+                                              "--no-progress", *extra], capsys)
+    assert_clean_error(rc, err, *words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_prior_bad_codes_and_runs(pipeline, tmp_path, capsys, plain_warnings):
+    tiny = ["--channels", "4", "--num-layers", "1", "--kernel-size", "3", "--steps", "2", "--eval-every", "2",
+            "--no-progress", "--device", "cpu", "--amp", "off"]
+    rc, _, err = call_main(train_prior.main, ["--codes", tmp_path / "nope.pt", "--out", tmp_path / "run", *tiny],
+                           capsys)
+    assert_clean_error(rc, err, "nope.pt", "does not exist", "extract_codes.py")
+    assert not (tmp_path / "run").exists()
+    codes = ["--codes", pipeline["root"] / "codes.pt", "--out", tmp_path / "run"]
+    assert call_main(train_prior.main, [*codes, *tiny], capsys)[0] == 0
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    rc, _, err = call_main(train_prior.main, [*codes, *tiny], capsys)
+    assert_clean_error(rc, err, "already holds a run", "step 2", "--resume", "--overwrite")
+    rc, _, err = call_main(train_prior.main, [*codes, *tiny, "--resume", "--channels", "8"], capsys)
+    assert_clean_error(rc, err, "--channels", "8", "checkpoint.pt")
+    other = write_codes(tmp_path / "other.pt", torch.zeros(4, 4, 4), torch.zeros(2, 4, 4), 16)
+    rc, _, err = call_main(train_prior.main, ["--codes", other, "--out", tmp_path / "run", *tiny, "--resume",
+                                              "--steps", "4"], capsys)
+    assert_clean_error(rc, err, "--codes", "other.pt")
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+    empty = write_codes(tmp_path / "empty.pt", torch.zeros(0, 4, 4), torch.zeros(2, 4, 4), 16)
+    rc, _, err = call_main(train_prior.main, ["--codes", empty, "--out", tmp_path / "run2", *tiny], capsys)
+    assert_clean_error(rc, err, "no training or no validation maps")
+
+
+def test_evaluate_prior_bad_inputs(pipeline, tmp_path, capsys, plain_warnings):
+    for argv, words in [(["--checkpoint", tmp_path / "nope.pt"], ["nope.pt", "does not exist"]),
+                        (["--checkpoint", pipeline["vqvae_ckpt"]], ["VQ-VAE checkpoint"]),
+                        (["--checkpoint", pipeline["prior_ckpt"], "--runs", "0"], ["--runs", "at least 1"])]:
+        rc, _, err = call_main(evaluate_prior.main, [*argv, "--device", "cpu"], capsys)
+        assert_clean_error(rc, err, *words)

@@ -8,7 +8,9 @@ The reference ("ref") is the usual port: eager float32, NCHW, the full N x K dis
 matrix for the codebook lookup and for the EMA statistics (counts = one_hot.sum(0), sums = one_hot.T @ z). It uses
 the same Encoder and Decoder modules as this repo, so the two differ only in how they are run and in the quantizer.
 "Ours" is models.VQVAE run as train.py runs it: bfloat16 autocast on CPUs with native bf16 and on CUDA (the
-quantizer in float32), channels-last, indexing instead of one-hot matmuls, a chunked nearest-code search.
+quantizer in float32), channels-last on CUDA (on CPUs oneDNN's bf16 kernels in channels-last slowed to below
+the reference whenever another job shared the cores, so the CPU path stays NCHW), indexing instead of one-hot
+matmuls, a chunked nearest-code search.
 
 Every timing is a median over repeats that alternate between the variants being compared, so a slow moment of
 the machine hits both. Measured:
@@ -181,10 +183,11 @@ def bench_training(device: torch.device, size: int, batch: int, repeats: int, st
     torch.manual_seed(0)
     x = torch.rand(batch, 3, size, size, device=device) - 0.5
     ref = Trainer(ReferenceVQVAE().to(device), x, None, channels_last=False, reference=True)
-    ours = Trainer(VQVAE().to(device), x, amp_dtype, channels_last=device.type != "mps", reference=False)
+    ours = Trainer(VQVAE().to(device), x, amp_dtype, channels_last=device.type == "cuda", reference=False)
     fns = {"ref": lambda: ref.step(steps_per_repeat), "ours": lambda: ours.step(steps_per_repeat)}
     if compile_model:
-        ours_c = Trainer(VQVAE().to(device), x, amp_dtype, channels_last=True, reference=False, compile_model=True)
+        ours_c = Trainer(VQVAE().to(device), x, amp_dtype, channels_last=device.type == "cuda", reference=False,
+                         compile_model=True)
         ours_c.step(3)   # compile outside the timing
         fns["ours+compile"] = lambda: ours_c.step(steps_per_repeat)
     for fn in fns.values():

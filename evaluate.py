@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             dataset = torch.utils.data.ConcatDataset(dataset) if len(dataset) > 1 else dataset[0]
         loader = eval_loader(dataset, args.batch_size, num_workers=2 if not isinstance(dataset, CachedImages) else 0)
         metrics = evaluate(model, loader, device, amp_dtype_for(config.amp, device),
-                           channels_last=device.type != "mps")
+                           channels_last=device.type == "cuda")
     except (DataError, CheckpointError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -110,10 +110,11 @@ def decoder_means(vqvae, images: Tensor, device: torch.device) -> tuple[Tensor, 
     return codes.cpu(), mean.cpu()
 
 
-def decoder_term(vqvae, vq_config, val_codes: Tensor, device: torch.device, max_fit_images: int = 2000,
+def decoder_term(vqvae, vq_config, data: str, val_codes: Tensor, device: torch.device, max_fit_images: int = 2000,
                  batch_size: int = 64) -> dict:
-    """The decoder's NLL -ln p(x | z) in nats per validation image, with sigma fitted on the training images."""
-    splits = build_data(vq_config.data, vq_config.image_size, vq_config.data_root, download=False,
+    """The decoder's NLL -ln p(x | z) in nats per validation image of `data`, with sigma fitted on its training
+    images."""
+    splits = build_data(data, vq_config.image_size, vq_config.data_root, download=False,
                         val_fraction=vq_config.val_fraction)
     # fit sigma on (an evenly spaced subset of) the training split, un-augmented
     step = max(1, len(splits.train) // max_fit_images)
@@ -190,7 +191,7 @@ def evaluate_prior(checkpoint: str, device: torch.device, bits_per_dim: bool = T
     }
     if bits_per_dim:
         vqvae = load_vqvae_for(ckpt, device)
-        dec = decoder_term(vqvae, config_from_dict(ckpt["vqvae"]["config"]), val_codes, device)
+        dec = decoder_term(vqvae, config_from_dict(ckpt["vqvae"]["config"]), codes["data"], val_codes, device)
         scale = 1 / (dec["dims"] * math.log(2))                       # nats per image -> bits per dimension
         report.update({
             "decoder_sigma": dec["sigma"], "decoder_nats_per_image": dec["nats_per_image"],

@@ -16,7 +16,8 @@ is the checkpoint's own (`--data` names another) at the checkpoint's image size.
 The output is a `.pt` file of plain tensors and values (loadable with torch.load(..., weights_only=True)):
 train_codes / val_codes (N, h, w) as uint8 when K <= 256 (int16 up to 32768, else int32), train_labels /
 val_labels (N,) int64 (the class index; 0 for data without classes), classes (names; empty without classes),
-num_embeddings (K), and the VQ-VAE's checkpoint path and config, so the prior can find the decoder again.
+num_embeddings (K), the data it came from, and the VQ-VAE's checkpoint path, config and step, so the prior can find
+the decoder again.
 """
 from __future__ import annotations
 
@@ -138,7 +139,8 @@ def extract_codes(checkpoint: str | Path, out: str | Path | None = None, passes:
         "vqvae_checkpoint": str(checkpoint),
         "vqvae_config": ckpt["config"],
         "vqvae_step": ckpt["step"],
-        "data": splits.description,
+        "data": data or config.data,
+        "description": splits.description,
         "passes": passes,
     }
     try:

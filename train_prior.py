@@ -61,7 +61,7 @@ class PriorConfig:
     device: str = "auto"            # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     amp: str = "auto"               # bf16 autocast for training: auto (on CUDA and CPUs with native bf16), bf16, or off
     # run folder and logging
-    out: str = "runs/prior"         # run folder: config.json, metrics.jsonl, checkpoint.pt
+    out: str = "runs/sample-prior"  # run folder: config.json, metrics.jsonl, checkpoint.pt
     resume: bool = False            # continue from the checkpoint in --out (starts fresh if there is none)
     overwrite: bool = False         # start again in an --out that already holds a run
     log_every: int = 50             # steps between metrics.jsonl records

@@ -133,7 +133,7 @@ def write_codes(path: Path, train_codes, val_codes, k: int):
                 "val_codes": val_codes.to(torch.uint8), "train_labels": torch.zeros(len(train_codes), dtype=torch.long),
                 "val_labels": torch.zeros(len(val_codes), dtype=torch.long), "classes": [], "num_embeddings": k,
                 "vqvae_checkpoint": str(path.parent / "none.pt"), "vqvae_config": {}, "vqvae_step": 0,
-                "data": "synthetic", "passes": 1}, path)
+                "data": "synthetic", "description": "synthetic", "passes": 1}, path)
     return path
 
 

@@ -1,7 +1,7 @@
 """vqvae.ipynb runs top to bottom in a real Jupyter kernel and shows its plots.
 
-The test shortens training by adding one cell after the cell tagged "parameters" (STEPS = 30); every other cell
-runs as committed. The full notebook's run time is measured separately and reported in README.md."""
+The test shortens training by adding one cell after the cell tagged "parameters" (STEPS = 30, PRIOR_STEPS = 20);
+every other cell runs as committed. The full notebook's run time is measured separately and reported in README.md."""
 import json
 import sys
 from pathlib import Path
@@ -27,7 +27,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     for name in ("Encoder", "VectorQuantizer", "VectorQuantizerEMA", "Decoder"):
         assert f"{name}" in source and "from models import" in source
-    override = nbformat.v4.new_code_cell(f"STEPS = 30\nOUT = {str(tmp_path / 'run')!r}")
+    override = nbformat.v4.new_code_cell(f"STEPS = 30\nPRIOR_STEPS = 20\nOUT = {str(tmp_path / 'run')!r}")
     nb.cells.insert(params[0] + 1, override)
     NotebookClient(nb, timeout=600, kernel_name="vqvae-test", resources={"metadata": {"path": str(ROOT)}}).execute()
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])

@@ -53,7 +53,7 @@ class PriorConfig:
     dropout: float = 0.1            # dropout on the horizontal stack's gated output
     conditional: bool = True        # condition on the class labels when the codes file has classes (eq. 4)
     # optimisation
-    steps: int = 3000               # optimizer steps in total (a resumed run continues up to this number)
+    steps: int = 2000               # optimizer steps in total (a resumed run continues up to this number)
     batch_size: int = 32            # code maps per step
     lr: float = 1e-3                # Adam learning rate
     seed: int = 0                   # seeds the weights, the order of the maps and the dropout

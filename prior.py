@@ -118,7 +118,7 @@ class GatedPixelCNN(nn.Module):
     Example: GatedPixelCNN(512)(torch.zeros(8, 16, 16, dtype=torch.long)).shape == (8, 512, 16, 16).
     """
 
-    def __init__(self, num_embeddings: int, num_classes: int = 0, channels: int = 64, num_layers: int = 8,
+    def __init__(self, num_embeddings: int, num_classes: int = 0, channels: int = 32, num_layers: int = 8,
                  kernel_size: int = 5, dropout: float = 0.0):
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:

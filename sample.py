@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt of a prior run (train_prior.py)")
     parser.add_argument("--num", type=int, default=16, help="number of images")
     parser.add_argument("--temperature", type=float, default=1.0, help="divides the logits (below 1: sharper)")
-    parser.add_argument("--class", dest="class_", default=None, help="class name or index (conditional priors)")
+    parser.add_argument("--class", dest="class_", metavar="CLASS", default=None,
+                        help="class name or index (conditional priors)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the sampling")
     parser.add_argument("--out", default="samples.png", help="PNG grid to write")
     parser.add_argument("--nrow", type=int, default=0, help="images per row (default: about a square grid)")

@@ -47,7 +47,7 @@ class PriorConfig:
     # data
     codes: str = "runs/sample/codes.pt"  # code maps written by extract_codes.py
     # model (gated PixelCNN, arXiv 1606.05328)
-    channels: int = 64              # width of the vertical and horizontal stacks
+    channels: int = 32              # width of the vertical and horizontal stacks
     num_layers: int = 8             # gated layers; each adds kernel_size // 2 to the reach up, left and right
     kernel_size: int = 5            # k (odd): vertical convolutions are (k//2 + 1) x k, horizontal 1 x (k//2 + 1)
     dropout: float = 0.1            # dropout on the horizontal stack's gated output

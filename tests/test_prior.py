@@ -575,3 +575,9 @@ def test_evaluate_prior_bad_inputs(pipeline, tmp_path, capsys, plain_warnings):
                         (["--checkpoint", pipeline["prior_ckpt"], "--runs", "0"], ["--runs", "at least 1"])]:
         rc, _, err = call_main(evaluate_prior.main, [*argv, "--device", "cpu"], capsys)
         assert_clean_error(rc, err, *words)
+
+
+def test_prior_flags_come_from_the_config_fields():
+    c = train.parse_args(["--channels", "8", "--no-conditional", "--lr", "0.01", "--codes", "x.pt"], PriorConfig)
+    assert (c.channels, c.conditional, c.lr, c.codes) == (8, False, 0.01, "x.pt")
+    assert set(train.field_help(PriorConfig)) == set(asdict(PriorConfig()))

@@ -338,10 +338,15 @@ def save_reconstructions(model: VQVAE, images: torch.Tensor, path: Path, device:
     os.replace(tmp, path)
 
 
-def prepare_out(c: Config, main: bool = True) -> tuple[Path, dict | None]:
-    """Create the run folder (on the main process); return it and the checkpoint to resume from (or None).
-    Every process reads and checks; only the main one writes."""
-    out = Path(c.out).expanduser()
+def open_run_folder(out: str | Path, resume: bool, overwrite: bool, read: Callable[[Path], dict],
+                    check: Callable[[dict, Path], None], files: tuple[str, ...],
+                    main: bool = True) -> tuple[Path, dict | None]:
+    """Create the run folder `out` (on the main process); return it and the checkpoint to resume from (or None).
+
+    `read` loads a checkpoint (raising CheckpointError on a bad one), `check` raises when a checkpoint cannot be
+    resumed with the current settings, `files` are what --overwrite deletes. Every process reads and checks;
+    only the main one writes. Shared by train.py and train_prior.py."""
+    out = Path(out).expanduser()
     ckpt_path = out / "checkpoint.pt"
     if main:
         try:
@@ -351,22 +356,31 @@ def prepare_out(c: Config, main: bool = True) -> tuple[Path, dict | None]:
             probe.unlink()
         except OSError as err:
             raise ConfigError(f"cannot write to --out {out}: {err.strerror or err}") from None
-    if ckpt_path.exists() and c.resume:
-        ckpt = read_checkpoint(ckpt_path)
-        check_resume_matches(config_from_dict(ckpt["config"]), c, ckpt_path)
+    if ckpt_path.exists() and resume:
+        ckpt = read(ckpt_path)
+        check(ckpt, ckpt_path)
         return out, ckpt
-    if ckpt_path.exists() and not c.overwrite:
+    if ckpt_path.exists() and not overwrite:
         step = ""
         try:
-            step = f" (step {read_checkpoint(ckpt_path)['step']})"
+            step = f" (step {read(ckpt_path)['step']})"
         except CheckpointError:
             pass
         raise ConfigError(f"{out} already holds a run{step}: pass --resume to continue it, --overwrite to start "
                           f"again, or another --out")
-    if c.overwrite and main:
-        for name in ("checkpoint.pt", "metrics.jsonl", "reconstructions.png"):
+    if overwrite and main:
+        for name in files:
             (out / name).unlink(missing_ok=True)
     return out, None
+
+
+def prepare_out(c: Config, main: bool = True) -> tuple[Path, dict | None]:
+    """The VQ-VAE's run folder and the checkpoint to resume from (see `open_run_folder`)."""
+    def check(ckpt: dict, path: Path) -> None:
+        check_resume_matches(config_from_dict(ckpt["config"]), c, path)
+
+    return open_run_folder(c.out, c.resume, c.overwrite, read_checkpoint, check,
+                           ("checkpoint.pt", "metrics.jsonl", "reconstructions.png"), main)
 
 
 class Processes(NamedTuple):

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from extract_codes import read_codes, read_plain_file
 from image_data import StepBatchSampler
 from prior import GatedPixelCNN
-from train import (CheckpointError, ConfigError, Interrupted, StopOnSignal, amp_dtype_for, atomic_save, parse_args,
-                   pick_device, quiet_warnings, trim_metrics)
+from train import (CheckpointError, ConfigError, Interrupted, StopOnSignal, amp_dtype_for, atomic_save,
+                   open_run_folder, parse_args, pick_device, quiet_warnings, trim_metrics)
 
 CHECKPOINT_FORMAT = "pixelcnn-prior-v1"
 
@@ -130,17 +130,8 @@ def load_prior(path: str | Path, device: torch.device | str = "cpu") -> tuple[Ga
 
 
 def prepare_out(c: PriorConfig) -> tuple[Path, dict | None]:
-    """Create the run folder; return it and the checkpoint to resume from (or None). As train.prepare_out."""
-    out = Path(c.out).expanduser()
-    ckpt_path = out / "checkpoint.pt"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").write_bytes(b"")
-        (out / ".write-test").unlink()
-    except OSError as err:
-        raise ConfigError(f"cannot write to --out {out}: {err.strerror or err}") from None
-    if ckpt_path.exists() and c.resume:
-        ckpt = read_prior_checkpoint(ckpt_path)
+    """The prior's run folder and the checkpoint to resume from (see train.open_run_folder)."""
+    def check(ckpt: dict, ckpt_path: Path) -> None:
         saved = config_from_dict(ckpt["config"])
         for name in (*MODEL_FIELDS, "batch_size", "seed"):
             if getattr(saved, name) != getattr(c, name):
@@ -150,19 +141,9 @@ def prepare_out(c: PriorConfig) -> tuple[Path, dict | None]:
         if Path(ckpt["codes"]) != Path(c.codes).expanduser().resolve():
             raise CheckpointError(f"{ckpt_path} was trained on --codes {ckpt['codes']}, not {c.codes}: resume "
                                   f"with the same codes file or use another --out")
-        return out, ckpt
-    if ckpt_path.exists() and not c.overwrite:
-        step = ""
-        try:
-            step = f" (step {read_prior_checkpoint(ckpt_path)['step']})"
-        except CheckpointError:
-            pass
-        raise ConfigError(f"{out} already holds a run{step}: pass --resume to continue it, --overwrite to start "
-                          f"again, or another --out")
-    if c.overwrite:
-        for name in ("checkpoint.pt", "metrics.jsonl"):
-            (out / name).unlink(missing_ok=True)
-    return out, None
+
+    return open_run_folder(c.out, c.resume, c.overwrite, read_prior_checkpoint, check,
+                           ("checkpoint.pt", "metrics.jsonl"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

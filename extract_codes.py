@@ -29,8 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from image_data import CachedImages, DataError, PhotoCrops, build_data, collate, default_workers
-from train import CheckpointError, ConfigError, load_checkpoint, pick_device, quiet_warnings
-from train import atomic_save
+from train import CheckpointError, ConfigError, atomic_save, load_checkpoint, load_plain, pick_device, quiet_warnings
 
 CODES_FORMAT = "vqvae-codes-v1"
 
@@ -48,13 +47,7 @@ def read_plain_file(path: str | Path, fmt: str, what: str) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: pass {what}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            reason = "it holds objects other than tensors and plain values, so it was refused unread"
-        raise CheckpointError(f"cannot load {path}: {reason[:200]}") from None
+    obj = load_plain(path)
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         kinds = {"vqvae-checkpoint-v1": "a VQ-VAE checkpoint (train.py)", CODES_FORMAT: "a codes file "
                  "(extract_codes.py)", "pixelcnn-prior-v1": "a prior checkpoint (train_prior.py)"}

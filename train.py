@@ -272,18 +272,24 @@ def save_checkpoint(path: Path, model: VQVAE, optimizer: torch.optim.Optimizer, 
     }, path)
 
 
+def load_plain(path: Path, noun: str = "") -> object:
+    """torch.load with weights_only=True (a file that carries code is refused, never run); every failure is a
+    one-line CheckpointError "cannot load {noun}{path}: reason"."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            reason = "it holds objects other than tensors and plain values, so it was refused unread"
+        raise CheckpointError(f"cannot load {noun}{path}: {reason[:200]}") from None
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint dict safely (weights_only: a file that carries code is refused, never run)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: pass the checkpoint.pt of a run folder")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            reason = "it holds objects other than tensors and plain values, so it was refused unread"
-        raise CheckpointError(f"cannot load checkpoint {path}: {reason[:200]}") from None
+    ckpt = load_plain(path, "checkpoint ")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint written by this repo's train.py")
     return ckpt

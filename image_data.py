@@ -8,7 +8,8 @@ classes, stored under `root`, downloaded only when asked).
 - Every split is deterministic: a folder with `train/` and `val/` (or `valid/`, `validation/`, `test/`)
   sub-folders uses them; any other folder sends an image to validation when a hash of its relative path says
   so, so the split does not depend on the order files are listed in, nor move when files are added. Food101
-  and CIFAR-10 use their official train/test splits; the sample splits by photo.
+  and CIFAR-10 use their official train/test splits; the sample holds out 4 whole photos and a strip of every
+  training photo.
 - Grayscale, palette and alpha images become RGB (alpha composited on white); EXIF rotation is applied; every
   image is resized (short side to S) and centre-cropped to S x S. Training adds random horizontal flips.
 - A file that cannot be decoded is skipped with a warning that names it. A missing or empty folder, a missing
@@ -385,6 +386,10 @@ def sample_photo_paths() -> tuple[list[Path], list[Path]]:
 
 
 def _sample(image_size: int) -> DataSplits:
+    """The built-in sample. Validation = the SAMPLE_VAL photos (unseen content) + the bottom strip, one crop high,
+    of every training photo that has at least 3 crops' height (unseen pixels of the training distribution; the
+    training crops never reach into it). Both matter: codebook usage on the unseen photos alone measures how well
+    codes learned on textures, text and astronomy transfer to portraits, not whether codes are dead."""
     def load(paths: list[Path]) -> list[Tensor]:
         photos = []
         for p in paths:
@@ -394,10 +399,26 @@ def _sample(image_size: int) -> DataSplits:
         return photos
 
     train_paths, val_paths = sample_photo_paths()
-    train, val = PhotoCrops(load(train_paths), image_size, True), PhotoCrops(load(val_paths), image_size, False)
+    tops, strips = [], []
+    for photo in load(train_paths):
+        height = photo.shape[1]
+        if height >= 3 * image_size:
+            tops.append(photo[:, :height - image_size].clone())
+            strips.append(photo[:, height - image_size:].clone())
+        else:
+            tops.append(photo)
+    unseen = load(val_paths)
+    train, val = PhotoCrops(tops, image_size, True), PhotoCrops(unseen + strips, image_size, False)
+    num_unseen = len(PhotoCrops(unseen, image_size, False))
     return DataSplits(train, val, [], pixel_variance(train),
-                      f"sample: {len(train_paths)} training photos ({len(train)} crops an epoch), "
-                      f"{len(val_paths)} validation photos ({len(val)} crops)")
+                      f"sample: {len(train_paths)} training photos ({len(train)} crops an epoch); validation: "
+                      f"{len(val_paths)} unseen photos ({num_unseen} crops) and {len(strips)} held-out strips "
+                      f"({len(val) - num_unseen} crops)")
+
+
+def sample_unseen_photos(val: PhotoCrops) -> PhotoCrops:
+    """The part of the sample's validation split that comes from the SAMPLE_VAL photos (see `_sample`)."""
+    return PhotoCrops(val.photos[:len(SAMPLE_VAL)], val.size, False)
 
 
 def _torchvision(name: str, image_size: int, root: str, download: bool, cache_limit_mb: int,

@@ -469,9 +469,40 @@ def test_sample_splits_by_photo(sample32):
     assert pair <= set(image_data.SAMPLE_TRAIN) or pair <= set(image_data.SAMPLE_VAL)
     train_paths, val_paths = image_data.sample_photo_paths()
     assert all(p.is_file() for p in train_paths + val_paths)      # bundled with scikit-image: works offline
-    assert len(sample32.train.photos) == len(train_paths) and len(sample32.val.photos) == len(val_paths)
-    for v in sample32.val.photos:
+    assert len(sample32.train.photos) == len(train_paths)
+    unseen = image_data.sample_unseen_photos(sample32.val).photos
+    assert len(unseen) == len(val_paths)
+    for v in unseen:
         assert not any(t.shape == v.shape and torch.equal(t, v) for t in sample32.train.photos)
+
+
+def test_sample_holds_out_the_bottom_strip_of_each_tall_enough_training_photo(sample32):
+    """Reference: each training photo loaded whole, straight from its file."""
+    train_paths, val_paths = image_data.sample_photo_paths()
+    strips = sample32.val.photos[len(val_paths):]
+    used = 0
+    for path, top in zip(train_paths, sample32.train.photos):
+        with Image.open(path) as img:
+            short = max(32, min(min(img.size), image_data.SAMPLE_SCALE * 32))
+        whole = image_data.load_image(path, short)
+        if whole.shape[1] >= 3 * 32:
+            strip = strips[used]
+            used += 1
+            assert strip.shape == (3, 32, whole.shape[2]) and top.shape[1] == whole.shape[1] - 32
+            assert torch.equal(torch.cat([top, strip], dim=1), whole)   # disjoint, and together the whole photo
+        else:
+            assert torch.equal(top, whole)
+    assert used == len(strips) > 10
+    # training crops stay inside the tops: every random crop of the first photo matches some window of its top
+    top = sample32.train.photos[0]
+    for seed in range(20):
+        i = next(j for j, (p, _, _) in enumerate(sample32.train.items) if p == 0)
+        crop = sample32.train[(i, seed)][0]
+        assert crop.shape[1] == 32
+        windows = top.unfold(1, 32, 1).unfold(2, 32, 1)                       # (3, rows, cols, 32, 32)
+        hits = (windows == crop[:, None, None]).flatten(3).all(-1).all(0)
+        hits |= (windows == crop.flip(-1)[:, None, None]).flatten(3).all(-1).all(0)
+        assert hits.any()
 
 
 def test_sample_items_and_crops(sample32):

@@ -564,8 +564,9 @@ class VQVAE(nn.Module):
 
     quantizer: "ema" (appendix A.1, the default), "vq" (eq. 3) or "fsq" (finite scalar quantization).
     kmeans_init, restart_threshold, cosine, lookup_dim: codebook options of the vector quantizers (`_Quantizer`);
-    the defaults are train.Config's (k-means initialisation and dead-code restarts on; the quantizer classes on
-    their own default to the paper's random initialisation without restarts);
+    the defaults are train.Config's, the best variant of ablation.py (k-means initialisation, dead-code restarts,
+    cosine codes searched in a 4-d projection; the quantizer classes on their own default to the paper's random
+    initialisation in D dimensions without restarts);
     rotation_trick: the gradient path of the "vq" quantizer; fsq_levels: FSQ's levels (default: the paper's
     recommendation for num_embeddings).
     Example: VQVAE()(torch.zeros(8, 3, 32, 32)).vq.indices.shape == (8, 8, 8).
@@ -574,7 +575,7 @@ class VQVAE(nn.Module):
     def __init__(self, hidden_channels: int = 128, residual_channels: int = 32, num_residual_blocks: int = 2,
                  embedding_dim: int = 64, num_embeddings: int = 512, beta: float = 0.25, quantizer: str = "ema",
                  decay: float = 0.99, eps: float = 1e-5, kmeans_init: bool = True, restart_threshold: float = 1.0,
-                 cosine: bool = False, lookup_dim: int = 0, rotation_trick: bool = False,
+                 cosine: bool = True, lookup_dim: int = 4, rotation_trick: bool = False,
                  fsq_levels: Sequence[int] | None = None, in_channels: int = 3):
         super().__init__()
         self.encoder = Encoder(hidden_channels, residual_channels, num_residual_blocks, embedding_dim, in_channels)

@@ -165,8 +165,9 @@ class GatedPixelCNN(nn.Module):
         The codes are those of running the whole network once per position (up to float rounding; a test compares
         the two in float64), computed faster with the caching of Ramachandran et al. 2017 (arXiv 1704.06001): a
         layer's output at (i, j) needs its input at rows i-k//2..i (vertical stack) or at columns j-k//2..j of row
-        i (horizontal stack) only, and those never change once computed. So each layer keeps its inputs in a buffer and computes one new row of the vertical stack per
-        row, and one new position of the horizontal stack per position. On the CPU the loop runs on one thread:
+        i (horizontal stack) only, and those never change once computed. So each layer keeps its inputs in a
+        buffer and computes one new row of the vertical stack per row, and one new position of the horizontal
+        stack per position. On the CPU the loop runs on one thread:
         its thousands of small operations gain nothing from intra-op threads, and lose a lot to their
         synchronisation when other processes share the cores.
         """

@@ -69,8 +69,8 @@ class Config:
     decay: float = 0.99             # EMA decay gamma (ema quantizer only)
     kmeans_init: bool = True        # start the codebook from k-means on the first batch's encoder outputs
     restart_threshold: float = 1.0  # restart codes whose recent use per batch falls below this (0: never)
-    cosine: bool = False            # l2-normalised codes and inputs (cosine similarity), as in ViT-VQGAN
-    lookup_dim: int = 0             # search codes in a projected space of this dimension (0: in D), ViT-VQGAN
+    cosine: bool = True             # l2-normalised codes and inputs (cosine similarity), as in ViT-VQGAN
+    lookup_dim: int = 4             # search codes in a projected space of this dimension (0: in D), ViT-VQGAN
     rotation_trick: bool = False    # rotation-trick gradients through the vq quantizer (arXiv 2410.06424)
     fsq_levels: str = ""            # FSQ levels, e.g. 8,5,5,5 (empty: the paper's choice for num_embeddings)
     # optimisation

@@ -71,6 +71,11 @@ def test_bf16_training_keeps_the_quantizer_in_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         indices = model.encode(x)
         z = model.encoder(x)
-    brute = torch.cdist(z.float().permute(0, 2, 3, 1).reshape(-1, 8).double(),
-                        model.quantizer.codebook.double()).argmin(1)
+    # the default search: z projected to 4 dimensions and normalised, against normalised codes, all in float64
+    q = model.quantizer
+    assert q.cosine and q.lookup_dim == 4
+    flat = z.float().permute(0, 2, 3, 1).reshape(-1, 8).double() @ q.project_in.weight.double().t()
+    flat = flat + q.project_in.bias.double()
+    codes = q.embedding.double()
+    brute = torch.cdist(flat / flat.norm(dim=1, keepdim=True), codes / codes.norm(dim=1, keepdim=True)).argmin(1)
     assert torch.equal(indices.flatten(), brute)

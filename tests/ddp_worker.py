@@ -13,10 +13,15 @@ from train import Config, train  # noqa: E402
 
 
 def tiny(out: str, batch_size: int) -> Config:
+    """seed 1: with seed 0 the first batch of 16x16 crops holds exactly repeated latent vectors (flat white paper),
+    so k-means and the nearest-code argmin face exact ties, which the last-bit rounding differences between a
+    4-row and an 8-row matrix product decide differently; the two ranks still agree bit for bit, but one process
+    then drifts away from them by whole code assignments. Without k-means initialisation both seeds match to 1e-6.
+    Restart threshold 4: with seed 1, codes are restarted within the 6 steps (the test checks the count is > 0)."""
     return Config(data="sample", image_size=16, steps=6, batch_size=batch_size, hidden_channels=8,
                   residual_channels=4, num_residual_blocks=1, embedding_dim=4, num_embeddings=16, eval_every=3,
                   log_every=1, lr=1e-3, out=out, progress=False, device="cpu", amp="off", num_workers=0,
-                  kmeans_init=True, restart_threshold=2.0)
+                  kmeans_init=True, restart_threshold=4.0, seed=1)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def test_two_gloo_processes_hold_identical_codebooks_and_match_one_process(tmp_p
         torch.testing.assert_close(ranks[0]["model"][key], value, atol=1e-5, rtol=1e-5, msg=key)
     assert ranks[0]["final"]["num_images"] == single.final["num_images"]        # the validation shards add up
     assert ranks[0]["final"]["psnr"] == pytest.approx(single.final["psnr"], abs=1e-4)
-    assert int(ranks[0]["model"]["quantizer.restarts"]) == int(single.model.quantizer.restarts)
+    assert int(ranks[0]["model"]["quantizer.restarts"]) == int(single.model.quantizer.restarts) > 0
     # only rank 0 wrote the run folder
     records = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in records] == [1, 2, 3, 4, 5, 6]

@@ -110,9 +110,11 @@ def main(argv: list[str] | None = None) -> int:
                        "No variant used 95% of its codes on the validation split.")
     print(text)
     if args.write:
+        num_unseen = len(unseen.dataset)
         note = (f"Each variant: {args.steps} steps, batch 32, 64x64, seed 0, on the built-in sample; metrics over "
-                f"the whole validation split ({data.description.split('; ', 1)[1]}: "
-                f"{len(data.val) * (base.image_size // 4) ** 2:,} code positions). Machine: {machine()}.")
+                f"the whole validation split ({num_unseen} crops of 4 unseen photos and {len(data.val) - num_unseen} "
+                f"of held-out strips: {len(data.val) * (base.image_size // 4) ** 2:,} code positions). "
+                f"Machine: {machine()}.")
         write_section("ablation.py", "Codebook health: `ablation.py`", "python ablation.py " +
                       " ".join(argv if argv is not None else sys.argv[1:]), note + "\n\n" + text)
     return 0

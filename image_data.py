@@ -409,7 +409,7 @@ def _sample(image_size: int) -> DataSplits:
             tops.append(photo)
     unseen = load(val_paths)
     train, val = PhotoCrops(tops, image_size, True), PhotoCrops(unseen + strips, image_size, False)
-    num_unseen = len(PhotoCrops(unseen, image_size, False))
+    num_unseen = len(sample_unseen_photos(val))
     return DataSplits(train, val, [], pixel_variance(train),
                       f"sample: {len(train_paths)} training photos ({len(train)} crops an epoch); validation: "
                       f"{len(val_paths)} unseen photos ({num_unseen} crops) and {len(strips)} held-out strips "

@@ -256,20 +256,32 @@ def atomic_save(obj, path: Path) -> None:
             tmp.unlink()
 
 
-def save_checkpoint(path: Path, model: VQVAE, optimizer: torch.optim.Optimizer, step: int, config: Config,
-                    data_variance: float, elapsed: float, metrics: dict | None = None) -> None:
-    atomic_save({
-        "format": CHECKPOINT_FORMAT,
-        "config": asdict(config),
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, elapsed: float,
+                   metrics: dict | None = None) -> dict:
+    """What a checkpoint needs to continue a run exactly: weights, optimizer, step, random state, time, metrics.
+    Shared by train.py's and train_prior.py's checkpoints; `restore_rng` is its counterpart."""
+    return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "data_variance": data_variance,
         "elapsed": elapsed,
         "metrics": metrics or {},
-    }, path)
+    }
+
+
+def restore_rng(ckpt: dict, device: torch.device) -> None:
+    """Set the random state saved by `training_state`."""
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device.type == "cuda" and ckpt["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+
+
+def save_checkpoint(path: Path, model: VQVAE, optimizer: torch.optim.Optimizer, step: int, config: Config,
+                    data_variance: float, elapsed: float, metrics: dict | None = None) -> None:
+    atomic_save({"format": CHECKPOINT_FORMAT, "config": asdict(config), "data_variance": data_variance,
+                 **training_state(model, optimizer, step, elapsed, metrics)}, path)
 
 
 def load_plain(path: Path, noun: str = "") -> object:
@@ -517,9 +529,7 @@ def _train(c: Config, procs: Processes, device: torch.device, callback: Callable
     pending: list[torch.Tensor] = []
     since_log, tick = 0, time.perf_counter()
     if resume_from is not None:   # restored last, so that nothing above draws from the resumed random stream
-        torch.set_rng_state(resume_from["rng"]["torch"])
-        if device.type == "cuda" and resume_from["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(resume_from["rng"]["cuda"])
+        restore_rng(resume_from, device)
     model.train()
     step = start_step
     with StopOnSignal() as stop:

@@ -37,7 +37,8 @@ from extract_codes import read_codes, read_plain_file
 from image_data import StepBatchSampler
 from prior import GatedPixelCNN
 from train import (CheckpointError, ConfigError, Interrupted, StopOnSignal, amp_dtype_for, atomic_save,
-                   open_run_folder, parse_args, pick_device, quiet_warnings, trim_metrics)
+                   open_run_folder, parse_args, pick_device, quiet_warnings, restore_rng, training_state,
+                   trim_metrics)
 
 CHECKPOINT_FORMAT = "pixelcnn-prior-v1"
 
@@ -209,9 +210,7 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
         model.load_state_dict(resume_from["model"])
         optimizer.load_state_dict(resume_from["optimizer"])
         start_step, elapsed = resume_from["step"], resume_from["elapsed"]
-        torch.set_rng_state(resume_from["rng"]["torch"])
-        if device.type == "cuda" and resume_from["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(resume_from["rng"]["cuda"])
+        restore_rng(resume_from, device)
     (out / "config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
     metrics_path = out / "metrics.jsonl"
     history = trim_metrics(metrics_path, start_step) if resume_from is not None else []
@@ -231,13 +230,7 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
             "codes": str(Path(c.codes).expanduser().resolve()),
             "vqvae": {"checkpoint": codes["vqvae_checkpoint"], "config": codes["vqvae_config"],
                       "step": codes["vqvae_step"]},
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            "elapsed": elapsed,
-            "metrics": metrics or {},
+            **training_state(model, optimizer, step, elapsed, metrics),
         }, out / "checkpoint.pt")
 
     def validate() -> dict:

@@ -639,11 +639,12 @@ def quiet_warnings() -> None:
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    quiet_warnings()
-    config = parse_args(argv)
+def run_training_cli(fn: Callable, config, summary: Callable[[object], str]) -> int:
+    """Run a training function for a command line: errors a user can cause become one line and exit status 2, a
+    non-finite loss 1 (its last good checkpoint kept), an interruption 130; success prints `summary(result)`.
+    Shared by train.py and train_prior.py."""
     try:
-        result = train(config)
+        result = fn(config)
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -654,10 +655,16 @@ def main(argv: list[str] | None = None) -> int:
         if str(err):
             print(f"\n{err}", file=sys.stderr)
         return 130
-    f = result.final
-    print(f"done: {result.out} | val PSNR {f['psnr']:.2f} dB | MSE {f['mse']:.5f} | codebook usage "
-          f"{f['codebook_usage']:.1%} | perplexity {f['perplexity']:.1f} | {f['num_images']} validation images")
+    print(summary(result))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_warnings()
+    return run_training_cli(train, parse_args(argv), lambda r: (
+        f"done: {r.out} | val PSNR {r.final['psnr']:.2f} dB | MSE {r.final['mse']:.5f} | codebook usage "
+        f"{r.final['codebook_usage']:.1%} | perplexity {r.final['perplexity']:.1f} | "
+        f"{r.final['num_images']} validation images"))
 
 
 if __name__ == "__main__":

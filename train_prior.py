@@ -37,8 +37,8 @@ from extract_codes import read_codes, read_plain_file
 from image_data import StepBatchSampler
 from prior import GatedPixelCNN
 from train import (CheckpointError, ConfigError, Interrupted, StopOnSignal, amp_dtype_for, atomic_save,
-                   open_run_folder, parse_args, pick_device, quiet_warnings, restore_rng, training_state,
-                   trim_metrics)
+                   open_run_folder, parse_args, pick_device, quiet_warnings, restore_rng, run_training_cli,
+                   training_state, trim_metrics)
 
 CHECKPOINT_FORMAT = "pixelcnn-prior-v1"
 
@@ -307,21 +307,8 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
 
 def main(argv: list[str] | None = None) -> int:
     quiet_warnings()
-    config = parse_args(argv, PriorConfig)
-    try:
-        result = train_prior(config)
-    except (ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except FloatingPointError as err:
-        print(f"error: {err}; the last good checkpoint is kept in {config.out}. Try a lower --lr.", file=sys.stderr)
-        return 1
-    except Interrupted as err:
-        print(f"\n{err}", file=sys.stderr)
-        return 130
-    f = result.final
-    print(f"done: {result.out} | val NLL {f['nll_nats']:.4f} nats/code ({f['nll_bits']:.4f} bits/code)")
-    return 0
+    return run_training_cli(train_prior, parse_args(argv, PriorConfig), lambda r: (
+        f"done: {r.out} | val NLL {r.final['nll_nats']:.4f} nats/code ({r.final['nll_bits']:.4f} bits/code)"))
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@
 
 The reference ("ref") is the usual port: eager float32, NCHW, the full N x K distance matrix, a one-hot (N, K)
 matrix for the codebook lookup and for the EMA statistics (counts = one_hot.sum(0), sums = one_hot.T @ z). It uses
-the same Encoder and Decoder modules as this repo, so the two differ only in how they are run and in the quantizer.
-"Ours" is models.VQVAE run as train.py runs it: bfloat16 autocast on CPUs with native bf16 and on CUDA (the
-quantizer in float32), channels-last on CUDA (on CPUs oneDNN's bf16 kernels in channels-last slowed to below
-the reference whenever another job shared the cores, so the CPU path stays NCHW), indexing instead of one-hot
-matmuls, a chunked nearest-code search.
+the same Encoder and Decoder modules as this repo (with their in-place ReLUs), so the two differ only in how they
+are run, in the optimizer and in the quantizer. "Ours" is models.VQVAE run as train.py runs it: bfloat16 autocast
+on CPUs with native bf16 and on CUDA (the quantizer in float32), channels-last activations whenever bf16 is on
+(train.use_channels_last), the fused Adam kernel (train.make_optimizer; the reference keeps torch's default Adam),
+indexing instead of one-hot matmuls, a chunked nearest-code search.
 
 Every timing is a median over repeats that alternate between the variants being compared, so a slow moment of
 the machine hits both. Measured:
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models import VQVAE, Decoder, Encoder, VectorQuantizerEMA
-from train import Config, amp_dtype_for, pick_device
+from train import Config, amp_dtype_for, make_optimizer, pick_device, use_channels_last
 
 ROOT = Path(__file__).resolve().parent
 
@@ -133,13 +133,15 @@ class Trainer:
 
     def __init__(self, model: nn.Module, x: Tensor, amp_dtype: torch.dtype | None, channels_last: bool,
                  reference: bool, compile_model: bool = False):
+        """The reference gets the default torch.optim.Adam, as the public ports use; ours gets train.py's."""
         self.model, self.reference = model, reference
         self.x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(model) if compile_model else model
         self.ctx = (lambda: torch.autocast(x.device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-        self.opt = torch.optim.Adam(model.parameters(), lr=2e-4)
+        self.opt = (torch.optim.Adam(model.parameters(), lr=2e-4) if reference
+                    else make_optimizer(model.parameters(), 2e-4, x.device))
 
     def loss(self) -> Tensor:
         with self.ctx():
@@ -191,10 +193,11 @@ def bench_training(device: torch.device, size: int, batch: int, repeats: int, st
     torch.manual_seed(0)
     x = torch.rand(batch, 3, size, size, device=device) - 0.5
     ref = Trainer(ReferenceVQVAE().to(device), x, None, channels_last=False, reference=True)
-    ours = Trainer(VQVAE(**SAME_MATH).to(device), x, amp_dtype, channels_last=device.type == "cuda", reference=False)
+    channels_last = use_channels_last(device, amp_dtype)
+    ours = Trainer(VQVAE(**SAME_MATH).to(device), x, amp_dtype, channels_last=channels_last, reference=False)
     fns = {"ref": lambda: ref.step(steps_per_repeat), "ours": lambda: ours.step(steps_per_repeat)}
     if compile_model:
-        ours_c = Trainer(VQVAE(**SAME_MATH).to(device), x, amp_dtype, channels_last=device.type == "cuda",
+        ours_c = Trainer(VQVAE(**SAME_MATH).to(device), x, amp_dtype, channels_last=channels_last,
                          reference=False, compile_model=True)
         ours_c.step(3)   # compile outside the timing
         fns["ours+compile"] = lambda: ours_c.step(steps_per_repeat)

@@ -68,7 +68,8 @@ def evaluate(model: VQVAE, loader: DataLoader, device: torch.device, amp_dtype: 
 def main(argv: list[str] | None = None) -> int:
     from image_data import DataError, build_data, eval_loader, find_images, square_image, CachedImages, \
         DecodedImages
-    from train import CheckpointError, ConfigError, amp_dtype_for, load_checkpoint, pick_device, quiet_warnings
+    from train import (CheckpointError, ConfigError, amp_dtype_for, load_checkpoint, pick_device, quiet_warnings,
+                       use_channels_last)
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py")
@@ -99,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             # plain integer keys carry no augmentation seed, so training images come unflipped and uncropped
             dataset = torch.utils.data.ConcatDataset(dataset) if len(dataset) > 1 else dataset[0]
         loader = eval_loader(dataset, args.batch_size, num_workers=2 if not isinstance(dataset, CachedImages) else 0)
-        metrics = evaluate(model, loader, device, amp_dtype_for(config.amp, device),
-                           channels_last=device.type == "cuda")
+        amp_dtype = amp_dtype_for(config.amp, device)
+        metrics = evaluate(model, loader, device, amp_dtype, channels_last=use_channels_last(device, amp_dtype))
     except (DataError, CheckpointError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

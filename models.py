@@ -38,7 +38,7 @@ class ResidualBlock(nn.Module):
         self.conv1 = nn.Conv2d(residual_channels, channels, kernel_size=1)
 
     def forward(self, h: Tensor) -> Tensor:
-        return h + self.conv1(F.relu(self.conv3(F.relu(h))))
+        return h + self.conv1(F.relu(self.conv3(F.relu(h)), inplace=True))
 
 
 class ResidualStack(nn.Module):
@@ -51,7 +51,7 @@ class ResidualStack(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         for block in self.blocks:
             h = block(h)
-        return F.relu(h)
+        return F.relu(h, inplace=len(self.blocks) > 0)   # in place only on a tensor made here, not the input
 
 
 class Encoder(nn.Module):
@@ -77,8 +77,8 @@ class Encoder(nn.Module):
         self.to_embedding = nn.Conv2d(hidden_channels, embedding_dim, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.relu(self.conv1(x))            # (B, hidden/2, H/2, W/2)
-        h = F.relu(self.conv2(h))            # (B, hidden, H/4, W/4)
+        h = F.relu(self.conv1(x), inplace=True)     # (B, hidden/2, H/2, W/2)
+        h = F.relu(self.conv2(h), inplace=True)     # (B, hidden, H/4, W/4)
         h = self.residual(self.conv3(h))     # (B, hidden, H/4, W/4)
         return self.to_embedding(h)          # (B, D, H/4, W/4)
 
@@ -102,7 +102,7 @@ class Decoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.residual(self.conv1(z))     # (B, hidden, H/4, W/4)
-        h = F.relu(self.deconv1(h))          # (B, hidden/2, H/2, W/2)
+        h = F.relu(self.deconv1(h), inplace=True)   # (B, hidden/2, H/2, W/2)
         return self.deconv2(h)               # (B, 3, H, W)
 
 

@@ -248,6 +248,47 @@ def test_residual_block_is_relu_conv3_relu_conv1_plus_identity():
     torch.testing.assert_close(stack(h), F.relu(by_hand))
 
 
+def _by_hand_encoder_decoder(enc: Encoder, dec: Decoder, x: torch.Tensor) -> torch.Tensor:
+    """The encoder and decoder written out with functional ops and out-of-place ReLUs only."""
+    def stack(h, blocks):
+        for b in blocks:
+            h = h + F.conv2d(F.relu(F.conv2d(F.relu(h), b.conv3.weight, b.conv3.bias, padding=1)), b.conv1.weight,
+                             b.conv1.bias)
+        return F.relu(h)
+    h = F.relu(F.conv2d(x, enc.conv1.weight, enc.conv1.bias, stride=2, padding=1))
+    h = F.relu(F.conv2d(h, enc.conv2.weight, enc.conv2.bias, stride=2, padding=1))
+    h = stack(F.conv2d(h, enc.conv3.weight, enc.conv3.bias, padding=1), enc.residual.blocks)
+    z = F.conv2d(h, enc.to_embedding.weight, enc.to_embedding.bias)
+    h = stack(F.conv2d(z, dec.conv1.weight, dec.conv1.bias, padding=1), dec.residual.blocks)
+    h = F.relu(F.conv_transpose2d(h, dec.deconv1.weight, dec.deconv1.bias, stride=2, padding=1))
+    return F.conv_transpose2d(h, dec.deconv2.weight, dec.deconv2.bias, stride=2, padding=1)
+
+
+@pytest.mark.parametrize("blocks", [0, 2])
+def test_in_place_relus_leave_values_and_gradients_as_written_out(blocks):
+    """The modules apply some ReLUs in place (less memory traffic); outputs and every gradient must equal the
+    plainly written network's, in float64, and the input must come back untouched."""
+    torch.manual_seed(10)
+    enc = Encoder(16, 8, blocks, 6).double()
+    dec = Decoder(16, 8, blocks, 6).double()
+    x = torch.randn(2, 3, 16, 12, dtype=torch.float64, requires_grad=True)
+    x_before = x.detach().clone()
+    target = torch.randn(2, 3, 16, 12, dtype=torch.float64)
+    params = list(enc.parameters()) + list(dec.parameters())
+    ours = dec(enc(x))
+    grads = torch.autograd.grad((ours - target).pow(2).sum(), [x] + params)
+    by_hand = _by_hand_encoder_decoder(enc, dec, x)
+    expected = torch.autograd.grad((by_hand - target).pow(2).sum(), [x] + params)
+    assert torch.equal(x.detach(), x_before)
+    torch.testing.assert_close(ours, by_hand, rtol=1e-12, atol=1e-12)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    h = torch.randn(1, 16, 3, 3, dtype=torch.float64)
+    h_before = h.clone()
+    ResidualStack(16, 8, 0).double()(h)
+    assert torch.equal(h, h_before)   # an empty stack must not apply its ReLU to the caller's tensor
+
+
 @pytest.mark.parametrize("quantizer", ["ema", "vq"])
 def test_short_overfit_of_a_few_images(quantizer):
     """Four smooth 16x16 images: 400 Adam steps take the reconstruction error far below that of predicting grey.

@@ -124,3 +124,36 @@ def test_cli_flags_come_from_the_config_fields():
                                                                                    "some/folder")
     helps = train.field_help()
     assert set(helps) == {f for f in asdict(Config())}
+
+
+def test_train_optimizer_is_fused_adam_and_follows_plain_adam_both_ways():
+    """train.py's optimizer (fused Adam on CPUs) takes the same steps as torch's plain Adam, and either one's state
+    (e.g. a checkpoint written before the switch) loads into the other and carries on identically."""
+    torch.manual_seed(11)
+    shapes = [(5, 3), (7,), (2, 2, 3, 3)]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(6)]
+
+    def run(make, state=None, steps=range(6)):
+        params = [torch.nn.Parameter(torch.ones(s)) for s in shapes]
+        opt = make(params)
+        if state is not None:
+            params_state, opt_state = state
+            with torch.no_grad():
+                for p, v in zip(params, params_state):
+                    p.copy_(v)
+            opt.load_state_dict(opt_state)
+        for i in steps:
+            for p, g in zip(params, grads[i]):
+                p.grad = g.clone()
+            opt.step()
+        return [p.detach().clone() for p in params], opt.state_dict()
+
+    fused = lambda ps: train.make_optimizer(ps, 1e-2, torch.device("cpu"))
+    plain = lambda ps: torch.optim.Adam(ps, lr=1e-2)
+    assert fused([torch.nn.Parameter(torch.ones(1))]).defaults["fused"] is True
+    whole, _ = run(plain)
+    for first, second in [(plain, fused), (fused, plain), (fused, fused)]:
+        half = run(first, steps=range(3))
+        resumed, _ = run(second, state=half, steps=range(3, 6))
+        for a, b in zip(resumed, whole):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -24,8 +24,9 @@ the machine hits both. Measured:
   the model-only images/s of the same configuration on a fixed batch;
 - achieved FLOP/s (FLOPs of one training step counted by torch.utils.flop_counter) against the machine's
   measured matmul peak in the same dtype;
-- with --quality-steps N, the validation PSNR of two train.py runs of N steps with every default, float32 and
-  bf16.
+- with --quality-steps N, the validation PSNR of train.py runs of N steps with every default, float32 and bf16,
+  for --quality-seeds seeds (the mean difference is the summary: one seed's PSNR moves by a few tenths of a dB
+  with the last bits of any sum).
 The timed models search their codes in D = 64 dimensions like the reference (not in the default's cosine 4-d
 projection), so a speedup comes from how the same computation is run, not from a cheaper model.
 On a GPU it also runs 128x128 at batch 128.
@@ -293,18 +294,26 @@ def bench_end_to_end(device: torch.device, steps: int, model_only_images_per_s: 
             "ratio": e2e / model_only_images_per_s}
 
 
-def bench_quality(device: torch.device, steps: int) -> dict:
+def bench_quality(device: torch.device, steps: int, seeds: int = 1) -> dict:
+    """Validation PSNR of train.py runs of `steps` steps with every default, float32 and bf16, for seeds 0..seeds-1.
+
+    One run's PSNR after a short training moves by a few tenths of a dB with the last bits of any sum (the codebook
+    restarts and the argmin make training chaotic), so the precision's own effect is the mean over seeds of the
+    per-seed difference."""
     from train import train
 
-    out = {}
-    for amp in ("off", "auto"):
-        with tempfile.TemporaryDirectory() as folder:
-            start = time.perf_counter()
-            r = train(Config(steps=steps, out=folder, progress=False, device=str(device), amp=amp))
-            out[amp] = {"val_psnr": r.final["psnr"], "codebook_usage": r.final["codebook_usage"],
-                        "seconds": time.perf_counter() - start}
-    out["psnr_difference_db"] = out["auto"]["val_psnr"] - out["off"]["val_psnr"]
-    return out
+    runs = []
+    for seed in range(seeds):
+        row = {"seed": seed}
+        for amp in ("off", "auto"):
+            with tempfile.TemporaryDirectory() as folder:
+                start = time.perf_counter()
+                r = train(Config(steps=steps, out=folder, progress=False, device=str(device), amp=amp, seed=seed))
+                row[amp] = {"val_psnr": r.final["psnr"], "codebook_usage": r.final["codebook_usage"],
+                            "seconds": time.perf_counter() - start}
+        row["psnr_difference_db"] = row["auto"]["val_psnr"] - row["off"]["val_psnr"]
+        runs.append(row)
+    return {"runs": runs, "psnr_difference_db": statistics.mean(r["psnr_difference_db"] for r in runs)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -355,10 +364,16 @@ def report(results: dict) -> str:
                   f"{e['model_only_images_per_s']:.0f} images/s."]
     q = results.get("quality")
     if q:
-        lines += ["", f"Validation PSNR after {results['quality_steps']} steps on the sample: float32 "
-                  f"{q['off']['val_psnr']:.2f} dB ({q['off']['seconds']:.0f} s), bf16 "
-                  f"{q['auto']['val_psnr']:.2f} dB ({q['auto']['seconds']:.0f} s): difference "
-                  f"{q['psnr_difference_db']:+.2f} dB."]
+        lines += ["", f"Validation PSNR after {results['quality_steps']} steps on the sample, every default, float32 "
+                  "against bf16 (seconds of each run in brackets):", "",
+                  "| seed | float32 | bf16 | bf16 - float32 |", "| --- | --- | --- | --- |"]
+        for r in q["runs"]:
+            lines.append(f"| {r['seed']} | {r['off']['val_psnr']:.2f} dB ({r['off']['seconds']:.0f} s) | "
+                         f"{r['auto']['val_psnr']:.2f} dB ({r['auto']['seconds']:.0f} s) | "
+                         f"{r['psnr_difference_db']:+.2f} dB |")
+        lines.append(f"| mean | {statistics.mean(r['off']['val_psnr'] for r in q['runs']):.2f} dB | "
+                     f"{statistics.mean(r['auto']['val_psnr'] for r in q['runs']):.2f} dB | "
+                     f"{q['psnr_difference_db']:+.2f} dB |")
     return "\n".join(lines)
 
 
@@ -369,7 +384,8 @@ def summary(results: dict) -> str:
     if results.get("end_to_end"):
         parts.append(f"end-to-end {results['end_to_end']['ratio']:.0%} of model-only")
     if results.get("quality"):
-        parts.append(f"bf16 PSNR {results['quality']['psnr_difference_db']:+.2f} dB vs fp32")
+        parts.append(f"bf16 PSNR {results['quality']['psnr_difference_db']:+.2f} dB vs fp32 "
+                     f"(mean of {len(results['quality']['runs'])} seeds)")
     return "summary: " + "; ".join(parts)
 
 
@@ -393,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps-per-repeat", type=int, default=5)
     p.add_argument("--e2e-steps", type=int, default=300, help="train.py steps for the end-to-end figure (0: skip)")
     p.add_argument("--quality-steps", type=int, default=0, help="steps of the fp32-vs-bf16 PSNR comparison")
+    p.add_argument("--quality-seeds", type=int, default=1, help="seeds of that comparison (their mean is reported)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile")
     p.add_argument("--quick", action="store_true", help="3 repeats, 2 steps each, 30 end-to-end steps")
     p.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
@@ -414,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         results["end_to_end"] = bench_end_to_end(device, args.e2e_steps, model_only)
     if args.quality_steps:
         results["quality_steps"] = args.quality_steps
-        results["quality"] = bench_quality(device, args.quality_steps)
+        results["quality"] = bench_quality(device, args.quality_steps, args.quality_seeds)
     text = report(results)
     print(text)
     print(summary(results))

@@ -79,3 +79,27 @@ def test_bf16_training_keeps_the_quantizer_in_float32():
     codes = q.embedding.double()
     brute = torch.cdist(flat / flat.norm(dim=1, keepdim=True), codes / codes.norm(dim=1, keepdim=True)).argmin(1)
     assert torch.equal(indices.flatten(), brute)
+
+
+def test_bench_report_prints_every_section_and_the_mean_seed_difference():
+    """bench.py's report runs after ~20 minutes of measuring: a formatting error there would lose the run."""
+    import bench
+
+    runs = [{"seed": s, "off": {"val_psnr": off, "codebook_usage": 1.0, "seconds": 200.0},
+             "auto": {"val_psnr": bf, "codebook_usage": 1.0, "seconds": 130.0}, "psnr_difference_db": bf - off}
+            for s, off, bf in [(0, 26.0, 25.5), (1, 25.0, 25.7), (2, 26.2, 26.3)]]
+    results = {"machine": "test", "device": "cpu", "threads": 2,
+               "training": [{"size": 64, "batch": 32, "amp": "bfloat16", "ref_images_per_s": 100.0,
+                             "ours_images_per_s": 190.0, "speedup": 1.9, "flops_per_step": 3.2e10}],
+               "matmul_peak": {"off": 1.7e11, "bfloat16": 4.0e11},
+               "quantizer": [{"case": "c", "shape": "16x256x32x32", "K": 8192, "ref_ms": 2000.0, "ours_ms": 600.0,
+                              "speedup": 3.33, "ref_peak_mb": 1580.0, "ours_peak_mb": 155.0, "memory_ratio": 0.098}],
+               "end_to_end": {"steps": 300, "end_to_end_images_per_s": 200.0, "model_only_images_per_s": 190.0,
+                              "ratio": 200 / 190},
+               "quality_steps": 1000,
+               "quality": {"runs": runs, "psnr_difference_db": (-0.5 + 0.7 + 0.1) / 3}}
+    text, line = bench.report(results), bench.summary(results)
+    assert "| mean | 25.73 dB | 25.83 dB | +0.10 dB |" in text       # (26.0 + 25.0 + 26.2) / 3, by hand
+    assert "| 1 | 25.00 dB (200 s) | 25.70 dB (130 s) | +0.70 dB |" in text
+    assert "1.90x" in text and "105% of the model-only" in text and "3.33x" in text
+    assert line.endswith("bf16 PSNR +0.10 dB vs fp32 (mean of 3 seeds)")

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from bench import machine, write_section
+from bench_report import machine, write_section
+from checkpoint import Config
 from evaluate import evaluate
 from image_data import build_data, collate, sample_unseen_photos
-from train import Config, train
+from train import train
 
 # every switch is set in every variant, so the table does not change when train.Config's defaults do
 PAPER = dict(kmeans_init=False, restart_threshold=0.0, cosine=False, lookup_dim=0, rotation_trick=False)

@@ -35,23 +35,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench_report import machine, write_section
+from checkpoint import Config
 from models import VQVAE, Decoder, Encoder, VectorQuantizerEMA
-from train import Config, amp_dtype_for, make_optimizer, pick_device, use_channels_last
+from runs import amp_dtype_for, make_optimizer, pick_device, use_channels_last
 
 ROOT = Path(__file__).resolve().parent
 
@@ -320,21 +319,6 @@ def bench_quality(device: torch.device, steps: int, seeds: int = 1) -> dict:
 # Report
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = f"{os.cpu_count()}-core {cpu}, torch {torch.__version__}"
-    if torch.cuda.is_available():
-        desc += f", {torch.cuda.get_device_name()}"
-    return desc
-
-
 def report(results: dict) -> str:
     lines = [f"Machine: {results['machine']}; device {results['device']}; {results['threads']} threads.", ""]
     lines += ["| training (batch, size) | amp | ref images/s | ours images/s | speedup | ours+compile images/s "
@@ -387,19 +371,6 @@ def summary(results: dict) -> str:
         parts.append(f"bf16 PSNR {results['quality']['psnr_difference_db']:+.2f} dB vs fp32 "
                      f"(mean of {len(results['quality']['runs'])} seeds)")
     return "summary: " + "; ".join(parts)
-
-
-def write_section(key: str, title: str, command: str, text: str) -> None:
-    """Replace (or append) the section of BENCHMARKS.md between `<!-- {key} begin -->` and `<!-- {key} end -->`."""
-    path = ROOT / "BENCHMARKS.md"
-    begin, end = f"<!-- {key} begin -->", f"<!-- {key} end -->"
-    body = f"{begin}\n## {title}\n\nCommand: `{command}`\n\n{text}\n{end}"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if begin in old and end in old:
-        new = old[:old.index(begin)] + body + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + body + "\n"
-    path.write_text(new)
 
 
 def main(argv: list[str] | None = None) -> int:

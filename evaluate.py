@@ -18,13 +18,16 @@ import argparse
 import json
 import math
 import sys
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from checkpoint import load_checkpoint
+from image_data import CachedImages, DecodedImages, build_data, eval_loader, find_images, square_image
 from models import VQVAE, perplexity_from_counts
+from runs import (DataError, amp_dtype_for, autocast, pick_device, require_at_least, run_cli, script_parser,
+                  use_channels_last)
 
 
 @torch.no_grad()
@@ -38,7 +41,7 @@ def evaluate(model: VQVAE, loader: DataLoader, device: torch.device, amp_dtype: 
     squared_error = torch.zeros((), dtype=torch.float64, device=device)
     counts = torch.zeros(model.quantizer.num_embeddings, dtype=torch.float64, device=device)
     num = torch.zeros(2, dtype=torch.float64, device=device)   # images, pixel values
-    ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    ctx = autocast(device, amp_dtype)
     for images, _ in loader:
         if not len(images):
             continue
@@ -66,48 +69,39 @@ def evaluate(model: VQVAE, loader: DataLoader, device: torch.device, amp_dtype: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from image_data import DataError, build_data, eval_loader, find_images, square_image, CachedImages, \
-        DecodedImages
-    from train import (CheckpointError, ConfigError, amp_dtype_for, load_checkpoint, pick_device, quiet_warnings,
-                       use_channels_last)
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py")
+    parser = script_parser(__doc__, "checkpoint.pt written by train.py")
     parser.add_argument("--data", default=None, help="image folder or sample/food101/cifar10 "
                                                      "(default: the checkpoint's own data)")
     parser.add_argument("--split", choices=("val", "train", "all"), default=None,
                         help="which images (default: val; all of them for a folder given with --data)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     args = parser.parse_args(argv)
-    quiet_warnings()
-    try:
-        if args.batch_size < 1:
-            raise DataError(f"--batch-size must be at least 1, got {args.batch_size}")
-        device = pick_device(args.device)
-        model, config, _ = load_checkpoint(args.checkpoint, device)
-        data = args.data or config.data
-        is_folder = data.lower() not in ("sample", "food101", "cifar10")
-        split = args.split or ("all" if args.data and is_folder else "val")
-        if split == "all" and is_folder:
-            paths = find_images(data)
-            dataset = DecodedImages(lambda i: square_image(paths[i], config.image_size), [0] * len(paths),
-                                    [str(p) for p in paths], augment=False)
-        else:
-            splits = build_data(data, config.image_size, config.data_root, download=False,
-                                val_fraction=config.val_fraction)
-            dataset = {"val": [splits.val], "train": [splits.train], "all": [splits.train, splits.val]}[split]
-            # plain integer keys carry no augmentation seed, so training images come unflipped and uncropped
-            dataset = torch.utils.data.ConcatDataset(dataset) if len(dataset) > 1 else dataset[0]
-        loader = eval_loader(dataset, args.batch_size, num_workers=2 if not isinstance(dataset, CachedImages) else 0)
-        amp_dtype = amp_dtype_for(config.amp, device)
-        metrics = evaluate(model, loader, device, amp_dtype, channels_last=use_channels_last(device, amp_dtype))
-    except (DataError, CheckpointError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: report(args))
+
+
+def report(args: argparse.Namespace) -> int:
+    """evaluate.py's body: the metrics of the checkpoint on the chosen images, as the last line of output."""
+    require_at_least("batch-size", args.batch_size)
+    device = pick_device(args.device)
+    model, config, _ = load_checkpoint(args.checkpoint, device)
+    data = args.data or config.data
+    is_folder = data.lower() not in ("sample", "food101", "cifar10")
+    split = args.split or ("all" if args.data and is_folder else "val")
+    if split == "all" and is_folder:
+        paths = find_images(data)
+        dataset = DecodedImages(lambda i: square_image(paths[i], config.image_size), [0] * len(paths),
+                                [str(p) for p in paths], augment=False)
+    else:
+        splits = build_data(data, config.image_size, config.data_root, download=False,
+                            val_fraction=config.val_fraction)
+        dataset = {"val": [splits.val], "train": [splits.train], "all": [splits.train, splits.val]}[split]
+        # plain integer keys carry no augmentation seed, so training images come unflipped and uncropped
+        dataset = torch.utils.data.ConcatDataset(dataset) if len(dataset) > 1 else dataset[0]
+    loader = eval_loader(dataset, args.batch_size, num_workers=2 if not isinstance(dataset, CachedImages) else 0)
+    amp_dtype = amp_dtype_for(config.amp, device)
+    metrics = evaluate(model, loader, device, amp_dtype, channels_last=use_channels_last(device, amp_dtype))
     if metrics["num_images"] == 0:
-        print("error: none of the images could be decoded", file=sys.stderr)
-        return 2
+        raise DataError("none of the images could be decoded")
     print(json.dumps({"checkpoint": args.checkpoint, "data": data, "split": split, **metrics}))
     return 0
 

@@ -38,10 +38,11 @@ import time
 import torch
 from torch import Tensor
 
+from checkpoint import config_from_dict
 from extract_codes import read_codes
-from image_data import DataError, build_data, eval_loader
+from image_data import build_data, eval_loader
+from runs import CheckpointError, pick_device, require_at_least, run_cli, script_parser
 from sample import class_labels, load_vqvae_for
-from train import CheckpointError, ConfigError, config_from_dict, pick_device, quiet_warnings
 from train_prior import load_prior, nll_metrics, nll_per_map
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,25 +236,22 @@ def print_report(r: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt of a prior run (train_prior.py)")
+    parser = script_parser(__doc__, "checkpoint.pt of a prior run (train_prior.py)")
     parser.add_argument("--no-bits-per-dim", dest="bits_per_dim", action="store_false",
                         help="skip the decoder term (needs the VQ-VAE and the images)")
     parser.add_argument("--time-sampling", action="store_true", help="also time sampling 16 maps")
     parser.add_argument("--runs", type=int, default=5, help="timed sampling runs (median reported)")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     args = parser.parse_args(argv)
-    quiet_warnings()
-    try:
-        if args.runs < 1:
-            raise ConfigError(f"--runs must be at least 1, got {args.runs}")
-        report = evaluate_prior(args.checkpoint, pick_device(args.device), args.bits_per_dim,
-                                args.runs if args.time_sampling else 0)
-    except (ConfigError, CheckpointError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print_report(report)
-    print(json.dumps(report))
+    return run_cli(lambda: report(args))
+
+
+def report(args: argparse.Namespace) -> int:
+    """evaluate_prior.py's body: the report as text, then as one JSON object on the last line."""
+    require_at_least("runs", args.runs)
+    result = evaluate_prior(args.checkpoint, pick_device(args.device), args.bits_per_dim,
+                            args.runs if args.time_sampling else 0)
+    print_report(result)
+    print(json.dumps(result))
     return 0
 
 

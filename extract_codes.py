@@ -2,7 +2,7 @@
 
     python extract_codes.py --checkpoint runs/sample/checkpoint.pt --passes 20     # -> runs/sample/codes.pt
 
-The VQ-VAE is rebuilt from its checkpoint (`train.load_checkpoint`), kept in eval mode and only asked for
+The VQ-VAE is rebuilt from its checkpoint (`checkpoint.load_checkpoint`), kept in eval mode and only asked for
 `encode(x)`: its weights and buffers (the EMA codebook statistics included) are bit-identical afterwards. The data
 is the checkpoint's own (`--data` names another) at the checkpoint's image size.
 
@@ -28,8 +28,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from image_data import CachedImages, DataError, PhotoCrops, build_data, collate, default_workers
-from train import CheckpointError, ConfigError, atomic_save, load_checkpoint, load_plain, pick_device, quiet_warnings
+from checkpoint import load_checkpoint
+from image_data import CachedImages, PhotoCrops, build_data, collate, default_workers
+from runs import (ConfigError, DataError, atomic_save, pick_device, read_plain_file, require_at_least, run_cli,
+                  script_parser)
 
 CODES_FORMAT = "vqvae-codes-v1"
 
@@ -39,21 +41,6 @@ def code_dtype(num_embeddings: int) -> torch.dtype:
     if num_embeddings <= 256:
         return torch.uint8
     return torch.int16 if num_embeddings <= 32768 else torch.int32
-
-
-def read_plain_file(path: str | Path, fmt: str, what: str) -> dict:
-    """torch.load a dict of plain tensors and values written by this repo (weights_only: a file that carries code
-    is refused, never run) whose "format" is `fmt`; every problem is a one-line CheckpointError."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist: pass {what}")
-    obj = load_plain(path)
-    if not isinstance(obj, dict) or obj.get("format") != fmt:
-        kinds = {"vqvae-checkpoint-v1": "a VQ-VAE checkpoint (train.py)", CODES_FORMAT: "a codes file "
-                 "(extract_codes.py)", "pixelcnn-prior-v1": "a prior checkpoint (train_prior.py)"}
-        found = kinds.get(obj.get("format"), "") if isinstance(obj, dict) else ""
-        raise CheckpointError(f"{path} is {found or 'not a file written by this repo'}: pass {what}")
-    return obj
 
 
 def read_codes(path: str | Path) -> dict:
@@ -95,10 +82,8 @@ def extract_codes(checkpoint: str | Path, out: str | Path | None = None, passes:
     its contents."""
     from tqdm.auto import tqdm
 
-    if passes < 1:
-        raise ConfigError(f"--passes must be at least 1, got {passes}")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    require_at_least("passes", passes)
+    require_at_least("batch-size", batch_size)
     checkpoint = Path(checkpoint).expanduser().resolve()
     out = Path(out).expanduser() if out is not None else default_codes_path(checkpoint)
     if out.is_dir():
@@ -145,25 +130,23 @@ def extract_codes(checkpoint: str | Path, out: str | Path | None = None, passes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt of a VQ-VAE run (train.py)")
+    parser = script_parser(__doc__, "checkpoint.pt of a VQ-VAE run (train.py)")
     parser.add_argument("--out", default=None, help="codes file to write (default: codes.pt beside --checkpoint)")
     parser.add_argument("--passes", type=int, default=1,
                         help="passes over the training split: the first un-augmented, the others augmented")
     parser.add_argument("--data", default=None, help="image folder or sample/food101/cifar10 "
                                                      "(default: the checkpoint's own data)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show a progress bar over the passes")
     args = parser.parse_args(argv)
-    quiet_warnings()
-    try:
-        result = extract_codes(args.checkpoint, args.out, args.passes, args.data, args.batch_size, args.device,
-                               args.progress)
-    except (ConfigError, DataError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: report(args))
+
+
+def report(args: argparse.Namespace) -> int:
+    """extract_codes.py's body: write the codes file and say what it holds."""
+    result = extract_codes(args.checkpoint, args.out, args.passes, args.data, args.batch_size, args.device,
+                           args.progress)
     out = args.out or default_codes_path(args.checkpoint)
     train, val = result["train_codes"], result["val_codes"]
     used = torch.cat([train.flatten(), val.flatten()]).long().unique().numel()

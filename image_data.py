@@ -35,6 +35,8 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from runs import DataError   # raised here for every problem with the user's data (a one-line message)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BUILTIN = ("sample", "food101", "cifar10")
 VAL_DIRS = ("val", "valid", "validation", "test")
@@ -46,10 +48,6 @@ SAMPLE_TRAIN = ("brick.png", "cell.png", "clock_motion.png", "coins.png", "grass
                 "page.png", "retina.jpg", "rocket.jpg", "text.png")
 SAMPLE_VAL = ("astronaut.png", "camera.png", "chelsea.png", "coffee.png")
 SAMPLE_SCALE = 4   # sample photos are kept with their short side at (at most) 4 x image_size; crops are S x S
-
-
-class DataError(ValueError):
-    """A problem with the user's data or data flags; the message is one line that says what to do."""
 
 
 class ImageSkippedWarning(UserWarning):

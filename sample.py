@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import load_checkpoint
 from models import VQVAE
 from prior import GatedPixelCNN
-from train import CheckpointError, ConfigError, load_checkpoint, pick_device, quiet_warnings
+from runs import (CheckpointError, ConfigError, pick_device, require_at_least, require_positive, run_cli,
+                  script_parser)
 from train_prior import load_prior
 
 
@@ -76,15 +78,21 @@ def generate(prior: GatedPixelCNN, vqvae: VQVAE, num: int, shape: tuple[int, int
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> None:
+    """The images as one PNG grid, written under a temporary name and renamed, so no half-written file is left."""
     import torchvision
 
+    path = Path(path)
     grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
-    torchvision.utils.save_image(grid, path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        torchvision.utils.save_image(grid, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt of a prior run (train_prior.py)")
+    parser = script_parser(__doc__, "checkpoint.pt of a prior run (train_prior.py)")
     parser.add_argument("--num", type=int, default=16, help="number of images")
     parser.add_argument("--temperature", type=float, default=1.0, help="divides the logits (below 1: sharper)")
     parser.add_argument("--class", dest="class_", metavar="CLASS", default=None,
@@ -94,35 +102,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nrow", type=int, default=0, help="images per row (default: about a square grid)")
     parser.add_argument("--vqvae", default=None, help="the VQ-VAE checkpoint to decode with (default: the one the "
                                                       "prior names)")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     args = parser.parse_args(argv)
-    quiet_warnings()
+    return run_cli(lambda: draw(args))
+
+
+def draw(args: argparse.Namespace) -> int:
+    """sample.py's body: draw, decode and write the grid, then say what was written."""
+    require_at_least("num", args.num)
+    require_positive("temperature", args.temperature)
+    if args.nrow < 0:
+        raise ConfigError(f"--nrow must be at least 1 (or 0 for a square grid), got {args.nrow}")
+    out = Path(args.out).expanduser()
+    if out.is_dir() or out.suffix.lower() != ".png":
+        raise ConfigError(f"--out must be the name of a .png file, got {args.out}")
+    device = pick_device(args.device)
+    prior, _, ckpt = load_prior(args.checkpoint, device)
+    labels = class_labels(args.class_, ckpt["classes"], args.num, prior.num_classes > 0)
+    vqvae = load_vqvae_for(ckpt, device, args.vqvae)
+    start = time.perf_counter()
+    codes, images = generate(prior, vqvae, args.num, tuple(ckpt["map_shape"]), args.temperature, labels,
+                             args.seed)
+    seconds = time.perf_counter() - start
     try:
-        if args.num < 1:
-            raise ConfigError(f"--num must be at least 1, got {args.num}")
-        if not (args.temperature > 0 and math.isfinite(args.temperature)):
-            raise ConfigError(f"--temperature must be a positive number, got {args.temperature}")
-        if args.nrow < 0:
-            raise ConfigError(f"--nrow must be at least 1 (or 0 for a square grid), got {args.nrow}")
-        out = Path(args.out).expanduser()
-        if out.is_dir() or out.suffix.lower() != ".png":
-            raise ConfigError(f"--out must be the name of a .png file, got {args.out}")
-        device = pick_device(args.device)
-        prior, _, ckpt = load_prior(args.checkpoint, device)
-        labels = class_labels(args.class_, ckpt["classes"], args.num, prior.num_classes > 0)
-        vqvae = load_vqvae_for(ckpt, device, args.vqvae)
-        start = time.perf_counter()
-        codes, images = generate(prior, vqvae, args.num, tuple(ckpt["map_shape"]), args.temperature, labels,
-                                 args.seed)
-        seconds = time.perf_counter() - start
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            save_grid(images, out, args.nrow or math.ceil(math.sqrt(args.num)))
-        except OSError as err:
-            raise ConfigError(f"cannot write --out {out}: {err.strerror or err}") from None
-    except (ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(images, out, args.nrow or math.ceil(math.sqrt(args.num)))
+    except OSError as err:
+        raise ConfigError(f"cannot write --out {out}: {err.strerror or err}") from None
     print(f"wrote {out}: {args.num} images of {images.shape[-1]}x{images.shape[-2]} from {tuple(codes.shape[1:])} "
           f"code maps (seed {args.seed}, temperature {args.temperature}) in {seconds:.1f} s")
     return 0

@@ -25,7 +25,7 @@ import math
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -33,12 +33,12 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from extract_codes import read_codes, read_plain_file
+from extract_codes import read_codes
 from image_data import StepBatchSampler
 from prior import GatedPixelCNN
-from train import (CheckpointError, ConfigError, Interrupted, StopOnSignal, amp_dtype_for, atomic_save,
-                   open_run_folder, parse_args, pick_device, quiet_warnings, restore_rng, run_training_cli,
-                   training_state, trim_metrics)
+from runs import (TENSORBOARD_FILES, CheckpointError, ConfigError, Interrupted, MetricsLog, StopOnSignal,
+                  amp_dtype_for, atomic_save, autocast, open_run_folder, parse_args, pick_device, read_plain_file,
+                  require_at_least, require_positive, restore_rng, run_training_cli, training_state)
 
 CHECKPOINT_FORMAT = "pixelcnn-prior-v1"
 
@@ -68,6 +68,7 @@ class PriorConfig:
     log_every: int = 50             # steps between metrics.jsonl records
     eval_every: int = 500           # steps between validations (and checkpoints); the last step always has one
     progress: bool = True           # show a tqdm progress bar
+    tensorboard: bool = False       # also write TensorBoard event files into --out (tensorboard --logdir runs)
 
 
 MODEL_FIELDS = ("channels", "num_layers", "kernel_size", "dropout", "conditional")
@@ -89,12 +90,10 @@ class TrainPriorResult(NamedTuple):
 
 def check_config(c: PriorConfig) -> None:
     for name in ("steps", "batch_size", "channels", "num_layers", "log_every", "eval_every"):
-        if getattr(c, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(c, name)}")
+        require_at_least(name.replace("_", "-"), getattr(c, name))
     if c.kernel_size < 1 or c.kernel_size % 2 == 0:
         raise ConfigError(f"--kernel-size must be a positive odd number, got {c.kernel_size}")
-    if not (c.lr > 0 and math.isfinite(c.lr)):
-        raise ConfigError(f"--lr must be a positive number, got {c.lr}")
+    require_positive("lr", c.lr)
     if not 0 <= c.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1), got {c.dropout}")
     if c.amp not in ("auto", "bf16", "off"):
@@ -131,7 +130,7 @@ def load_prior(path: str | Path, device: torch.device | str = "cpu") -> tuple[Ga
 
 
 def prepare_out(c: PriorConfig) -> tuple[Path, dict | None]:
-    """The prior's run folder and the checkpoint to resume from (see train.open_run_folder)."""
+    """The prior's run folder and the checkpoint to resume from (see runs.open_run_folder)."""
     def check(ckpt: dict, ckpt_path: Path) -> None:
         saved = config_from_dict(ckpt["config"])
         for name in (*MODEL_FIELDS, "batch_size", "seed"):
@@ -144,7 +143,7 @@ def prepare_out(c: PriorConfig) -> tuple[Path, dict | None]:
                                   f"with the same codes file or use another --out")
 
     return open_run_folder(c.out, c.resume, c.overwrite, read_prior_checkpoint, check,
-                           ("checkpoint.pt", "metrics.jsonl"))
+                           ("checkpoint.pt", "metrics.jsonl", TENSORBOARD_FILES))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,11 +210,8 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
         optimizer.load_state_dict(resume_from["optimizer"])
         start_step, elapsed = resume_from["step"], resume_from["elapsed"]
         restore_rng(resume_from, device)
+    metrics = MetricsLog(out, start_step, resume_from is not None, c.tensorboard, callback)
     (out / "config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
-    metrics_path = out / "metrics.jsonl"
-    history = trim_metrics(metrics_path, start_step) if resume_from is not None else []
-    if resume_from is None:
-        metrics_path.write_text("")
     if train_labels is not None:
         train_labels = train_labels.to(device)
     sampler = StepBatchSampler(len(train_codes), c.batch_size, c.seed)
@@ -236,14 +232,7 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
     def validate() -> dict:
         return nll_metrics(nll_per_map(model, val_codes, val_labels, device), codes_per_map)
 
-    def log(record: dict) -> None:
-        history.append(record)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if callback is not None:
-            callback(record)
-
-    ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    ctx = autocast(device, amp_dtype)
     final: dict = dict(resume_from["metrics"]) if resume_from is not None else {}
     if start_step >= c.steps:
         print(f"{out} is already at step {start_step} of {c.steps}: raise --steps to train further")
@@ -252,7 +241,7 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
     total, since_log, tick = 0.0, 0, time.perf_counter()
     model.train()
     step = start_step
-    with StopOnSignal() as stop:
+    with StopOnSignal() as stop, closing(metrics):
         while step < c.steps:
             index = torch.tensor([i for i, _ in sampler.batch_for_step(step)], device=device)
             z = train_codes[index].long()                                       # (B, h, w)
@@ -288,7 +277,7 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
                     checkpoint(step, final)
                     bar.write(f"step {step}: val NLL {final['nll_nats']:.4f} nats/code "
                               f"({final['nll_bits']:.4f} bits/code)")
-                log(record)
+                metrics.log(record)
                 total, since_log, tick = 0.0, 0, time.perf_counter()
             if stop.signum is not None:
                 bar.close()
@@ -298,7 +287,7 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
     bar.close()
     if not final:
         final = validate()
-    return TrainPriorResult(model.eval(), history, final, out)
+    return TrainPriorResult(model.eval(), metrics.history, final, out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,7 +295,6 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_warnings()
     return run_training_cli(train_prior, parse_args(argv, PriorConfig), lambda r: (
         f"done: {r.out} | val NLL {r.final['nll_nats']:.4f} nats/code ({r.final['nll_bits']:.4f} bits/code)"))
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train import Config, train  # noqa: E402
+from checkpoint import Config  # noqa: E402
+from train import train  # noqa: E402
 
 
 def tiny(out: str, batch_size: int) -> Config:

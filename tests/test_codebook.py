@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import train
 from models import FSQ, VQVAE, VectorQuantizer, VectorQuantizerEMA, flatten_latents, fsq_levels_for
-from train import Config
+from checkpoint import Config
 
 
 def as_z(rows: torch.Tensor) -> torch.Tensor:
@@ -223,7 +224,7 @@ def test_every_option_survives_a_checkpoint_round_trip(name, tmp_path):
                out=str(tmp_path / "run"), progress=False, device="cpu", amp="off")
     c = replace(c, **OPTION_VARIANTS[name])
     result = train.train(c)
-    model, config, _ = train.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    model, config, _ = checkpoint.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert config == c
     saved = result.model.cpu().state_dict()
     for k, v in model.state_dict().items():

@@ -12,6 +12,7 @@ from PIL import Image
 
 import image_data
 import train as train_module
+from checkpoint import Config
 from image_data import (CachedImages, DataError, DecodedImages, ImageSkippedWarning, StepBatchSampler, build_data,
                         find_images, split_folder)
 
@@ -39,8 +40,8 @@ def all_items(dataset) -> list[tuple[torch.Tensor, int]]:
     return [dataset[i] for i in range(len(dataset))]
 
 
-def tiny_train_config(folder: Path, out: Path) -> "train_module.Config":
-    return train_module.Config(data=str(folder), image_size=16, steps=3, batch_size=4, hidden_channels=8,
+def tiny_train_config(folder: Path, out: Path) -> Config:
+    return Config(data=str(folder), image_size=16, steps=3, batch_size=4, hidden_channels=8,
                                residual_channels=4, num_residual_blocks=1, embedding_dim=4, num_embeddings=8,
                                eval_every=3, log_every=1, out=str(out), progress=False, device="cpu",
                                num_workers=0)

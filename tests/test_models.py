@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train import Config, model_args
+from checkpoint import Config, model_args
 from models import (VQVAE, Decoder, Encoder, ResidualStack, VectorQuantizer, VectorQuantizerEMA, flatten_latents,
                     nearest_code)
 

@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import checkpoint
 import evaluate_prior
 import extract_codes
+import runs
 import sample
 import train
 import train_prior
@@ -237,7 +239,7 @@ def state(model) -> dict:
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("prior")
     data = make_class_folder(root / "photos")
-    train.train(train.Config(data=str(data), out=str(root / "vqvae"), **TINY_VQVAE))
+    train.train(checkpoint.Config(data=str(data), out=str(root / "vqvae"), **TINY_VQVAE))
     vqvae_ckpt = root / "vqvae" / "checkpoint.pt"
     before = vqvae_ckpt.read_bytes()
     codes = extract_codes.extract_codes(vqvae_ckpt, root / "codes.pt", passes=3, device="cpu", progress=False)
@@ -257,7 +259,7 @@ def test_extraction_writes_the_codes_of_every_pass(pipeline):
     assert on_disk["vqvae_checkpoint"] == str(pipeline["vqvae_ckpt"].resolve())
     assert on_disk["vqvae_config"] == torch.load(pipeline["vqvae_ckpt"], weights_only=True)["config"]
     # independent: encode every image with a fresh copy of the model, pass 0 plain, passes 1-2 flipped by the seed
-    model, config, _ = train.load_checkpoint(pipeline["vqvae_ckpt"])
+    model, config, _ = checkpoint.load_checkpoint(pipeline["vqvae_ckpt"])
     splits = build_data(str(pipeline["data"]), 16)
     for p in range(3):
         for i in range(len(splits.train)):
@@ -290,7 +292,7 @@ def test_the_vqvae_is_bit_identical_after_extraction_and_prior_training(pipeline
     """The checkpoint file is unchanged, and encoding a dataset with a live model (even one left in training mode,
     whose EMA quantizer would update in a forward pass) changes none of its weights or buffers, nor its mode."""
     assert pipeline["vqvae_ckpt"].read_bytes() == pipeline["vqvae_bytes"]
-    model, _, _ = train.load_checkpoint(pipeline["vqvae_ckpt"])
+    model, _, _ = checkpoint.load_checkpoint(pipeline["vqvae_ckpt"])
     splits = build_data(str(pipeline["data"]), 16)
     for mode in (False, True):
         model.train(mode)
@@ -416,7 +418,7 @@ def test_bits_per_dim_report_adds_the_two_terms(pipeline, capsys):
         assert r["bits_per_dim_bound"][name] == pytest.approx(r["bpd_prior_term"][name] + r["decoder_bits_per_dim"])
     assert r["prior_nats_per_code"] == pytest.approx(pipeline["result"].final["nll_nats"], rel=1e-5)
     # the decoder term, independently: every validation image with the fitted sigma
-    model, _, _ = train.load_checkpoint(pipeline["vqvae_ckpt"])
+    model, _, _ = checkpoint.load_checkpoint(pipeline["vqvae_ckpt"])
     val = build_data(str(pipeline["data"]), 16).val
     total = 0.0
     for i in range(len(val)):
@@ -578,6 +580,6 @@ def test_evaluate_prior_bad_inputs(pipeline, tmp_path, capsys, plain_warnings):
 
 
 def test_prior_flags_come_from_the_config_fields():
-    c = train.parse_args(["--channels", "8", "--no-conditional", "--lr", "0.01", "--codes", "x.pt"], PriorConfig)
+    c = runs.parse_args(["--channels", "8", "--no-conditional", "--lr", "0.01", "--codes", "x.pt"], PriorConfig)
     assert (c.channels, c.conditional, c.lr, c.codes) == (8, False, 0.01, "x.pt")
-    assert set(train.field_help(PriorConfig)) == set(asdict(PriorConfig()))
+    assert set(runs.field_help(PriorConfig)) == set(asdict(PriorConfig()))

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
+import runs
 import train
 from tests.ddp_worker import tiny
 
@@ -116,9 +118,9 @@ class Payload:
 def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "ran"
     bad = tmp_path / "checkpoint.pt"
-    torch.save({"format": train.CHECKPOINT_FORMAT, "config": {}, "model": Payload(marker)}, bad)
-    with pytest.raises(train.CheckpointError, match="refused"):
-        train.read_checkpoint(bad)
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "config": {}, "model": Payload(marker)}, bad)
+    with pytest.raises(runs.CheckpointError, match="refused"):
+        checkpoint.read_checkpoint(bad)
     assert not marker.exists()
     r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(bad)], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
@@ -157,15 +159,15 @@ def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpo
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_readable(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    train.atomic_save({"step": 1, "weights": torch.ones(3)}, path)
+    runs.atomic_save({"step": 1, "weights": torch.ones(3)}, path)
 
     def dies_halfway(obj, f, *args, **kwargs):
         f.write(b"PK\x03\x04 half a zip file")          # some bytes reach the disk, then the process "dies"
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.torch, "save", dies_halfway)
+    monkeypatch.setattr(runs.torch, "save", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        train.atomic_save({"step": 2, "weights": torch.zeros(3)}, path)
+        runs.atomic_save({"step": 2, "weights": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]   # no temporary file left behind

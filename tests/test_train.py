@@ -8,10 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import evaluate
+import runs
 import train
 from image_data import build_data
-from train import Config
+from checkpoint import Config
 
 
 def tiny_config(out, **kw) -> Config:
@@ -44,7 +46,7 @@ def test_run_folder_contents(tmp_path):
 
 def test_checkpoint_rebuilds_the_model_alone(tmp_path):
     result = train.train(tiny_config(tmp_path / "run", quantizer="vq"))
-    model, config, _ = train.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    model, config, _ = checkpoint.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert config.quantizer == "vq" and config.num_embeddings == 16
     for (k, a), (k2, b) in zip(result.model.state_dict().items(), model.state_dict().items()):
         assert k == k2 and torch.equal(a.cpu(), b), k
@@ -74,7 +76,7 @@ def test_resume_drops_records_after_the_checkpoint(tmp_path):
 def test_an_existing_run_is_never_overwritten_silently(tmp_path):
     train.train(tiny_config(tmp_path / "run", steps=2, eval_every=2))
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
-    with pytest.raises(train.ConfigError, match="--resume"):
+    with pytest.raises(runs.ConfigError, match="--resume"):
         train.train(tiny_config(tmp_path / "run", steps=2, eval_every=2))
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
 
@@ -86,7 +88,7 @@ def test_evaluate_cli_pooled_metrics_match_an_independent_computation(tmp_path, 
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"mse", "psnr", "codebook_usage", "perplexity", "num_images"} <= report.keys()
     # independent: per image in NumPy float64, pooled over all pixels of the validation split
-    model, config, _ = train.load_checkpoint(ckpt)
+    model, config, _ = checkpoint.load_checkpoint(ckpt)
     val = build_data("sample", 16).val
     total, count, used = 0.0, 0, set()
     for i in range(len(val)):
@@ -118,11 +120,11 @@ def test_evaluate_on_a_folder_uses_every_image(tmp_path, capsys):
 
 
 def test_cli_flags_come_from_the_config_fields():
-    c = train.parse_args(["--image-size", "32", "--batch-size", "8", "--lr", "0.001", "--no-progress",
-                          "--quantizer", "vq", "--data", "some/folder"])
+    c = runs.parse_args(["--image-size", "32", "--batch-size", "8", "--lr", "0.001", "--no-progress",
+                         "--quantizer", "vq", "--data", "some/folder"], Config)
     assert (c.image_size, c.batch_size, c.lr, c.progress, c.quantizer, c.data) == (32, 8, 1e-3, False, "vq",
                                                                                    "some/folder")
-    helps = train.field_help()
+    helps = runs.field_help(Config)
     assert set(helps) == {f for f in asdict(Config())}
 
 
@@ -148,7 +150,7 @@ def test_train_optimizer_is_fused_adam_and_follows_plain_adam_both_ways():
             opt.step()
         return [p.detach().clone() for p in params], opt.state_dict()
 
-    fused = lambda ps: train.make_optimizer(ps, 1e-2, torch.device("cpu"))
+    fused = lambda ps: runs.make_optimizer(ps, 1e-2, torch.device("cpu"))
     plain = lambda ps: torch.optim.Adam(ps, lr=1e-2)
     assert fused([torch.nn.Parameter(torch.ones(1))]).defaults["fused"] is True
     whole, _ = run(plain)

@@ -1,0 +1,42 @@
+"""What the benchmark scripts (bench.py, ablation.py) share: the machine's description and the writer of their
+sections of BENCHMARKS.md."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+
+
+def machine() -> str:
+    """One line: cores, CPU model, torch version and the GPU's name when there is one."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    desc = f"{os.cpu_count()}-core {cpu}, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        desc += f", {torch.cuda.get_device_name()}"
+    return desc
+
+
+def write_section(key: str, title: str, command: str, text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
+    """Replace (or append) the section of BENCHMARKS.md between `<!-- {key} begin -->` and `<!-- {key} end -->`,
+    written under a temporary name and renamed, so an interrupted write leaves the old file whole."""
+    begin, end = f"<!-- {key} begin -->", f"<!-- {key} end -->"
+    body = f"{begin}\n## {title}\n\nCommand: `{command}`\n\n{text}\n{end}"
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + body + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + body + "\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(new)
+    tmp.replace(path)

@@ -1,0 +1,167 @@
+"""A VQ-VAE run's settings and its checkpoint file: `Config`, building the model from it, saving and loading.
+
+This is what every script that touches a trained VQ-VAE needs (evaluate.py, extract_codes.py, sample.py,
+evaluate_prior.py, the notebook) without the training loop (train.py):
+
+- `Config`: one dataclass for a run, saved as `asdict(config)` in every checkpoint; train.py's flags are its fields;
+- `build_model(config)`: the VQVAE its model fields describe;
+- `save_checkpoint` / `read_checkpoint` / `load_checkpoint`: model, optimizer, step, RNG state, data variance and
+  config in one file, written atomically and loaded with torch.load(..., weights_only=True), so a file that carries
+  code is refused unread; `load_checkpoint(path)` rebuilds the model from the file alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from models import VQVAE
+from runs import (CheckpointError, ConfigError, atomic_save, load_plain, require_at_least, require_positive,
+                  training_state)
+
+CHECKPOINT_FORMAT = "vqvae-checkpoint-v1"
+
+
+@dataclass
+class Config:
+    """Every setting of a VQ-VAE run; train.py's flags are these fields with dashes, their comments the --help."""
+
+    # data
+    data: str = "sample"            # an image folder (searched recursively), or sample / food101 / cifar10
+    data_root: str = "data"         # where food101 and cifar10 are stored (and downloaded to)
+    download: bool = False          # download food101 / cifar10 into --data-root if they are missing
+    image_size: int = 64            # images are resized and centre-cropped to this square size (multiple of 4)
+    val_fraction: float = 0.1       # share of a plain folder's images held out for validation
+    # model (section 4.1 and appendix A.1 of the paper)
+    hidden_channels: int = 128      # width of the encoder and decoder convolutions
+    residual_channels: int = 32     # width inside each residual block
+    num_residual_blocks: int = 2    # residual blocks in the encoder and in the decoder
+    embedding_dim: int = 64         # D, dimension of each code
+    num_embeddings: int = 512       # K, number of codes
+    beta: float = 0.25              # commitment weight, beta in eq. 3
+    quantizer: str = "ema"          # ema (moving averages, appendix A.1), vq (codebook loss, eq. 3) or fsq
+    decay: float = 0.99             # EMA decay gamma (ema quantizer only)
+    kmeans_init: bool = True        # start the codebook from k-means on the first batch's encoder outputs
+    restart_threshold: float = 1.0  # restart codes whose recent use per batch falls below this (0: never)
+    cosine: bool = True             # l2-normalised codes and inputs (cosine similarity), as in ViT-VQGAN
+    lookup_dim: int = 4             # search codes in a projected space of this dimension (0: in D), ViT-VQGAN
+    rotation_trick: bool = False    # rotation-trick gradients through the vq quantizer (arXiv 2410.06424)
+    fsq_levels: str = ""            # FSQ levels, e.g. 8,5,5,5 (empty: the paper's choice for num_embeddings)
+    # optimisation
+    steps: int = 1000               # optimizer steps in total (a resumed run continues up to this number)
+    batch_size: int = 32            # images per step
+    lr: float = 2e-4                # Adam learning rate (the paper's 2e-4)
+    seed: int = 0                   # seeds the weights and the order and augmentation of batches
+    # hardware
+    device: str = "auto"            # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
+    amp: str = "auto"               # bf16 autocast: auto (on CUDA and on CPUs with native bf16), bf16, or off
+    compile: bool = False           # torch.compile the model (slow first step, faster after)
+    num_workers: int = -1           # DataLoader workers for large datasets (-1: one per core, up to 8)
+    # run folder and logging
+    out: str = "runs/sample"        # run folder: config.json, metrics.jsonl, checkpoint.pt, reconstructions.png
+    resume: bool = False            # continue from the checkpoint in --out (starts fresh if there is none)
+    overwrite: bool = False         # start again in an --out that already holds a run
+    log_every: int = 50             # steps between metrics.jsonl records
+    eval_every: int = 500           # steps between validations over the whole validation split
+    checkpoint_every: int = 0       # steps between checkpoints (0: at every validation); the last step saves too
+    progress: bool = True           # show a tqdm progress bar
+    tensorboard: bool = False       # also write TensorBoard event files into --out (tensorboard --logdir runs)
+
+
+MODEL_FIELDS = ("hidden_channels", "residual_channels", "num_residual_blocks", "embedding_dim",
+                "num_embeddings", "beta", "quantizer", "decay", "kmeans_init", "restart_threshold", "cosine",
+                "lookup_dim", "rotation_trick", "fsq_levels")
+
+
+def check_config(c: Config) -> None:
+    """Raise a one-line ConfigError for the first value that cannot work."""
+    positive = ("steps", "batch_size", "hidden_channels", "residual_channels", "num_residual_blocks",
+                "embedding_dim", "num_embeddings", "log_every", "eval_every")
+    if c.checkpoint_every < 0:
+        raise ConfigError(f"--checkpoint-every must be 0 or more, got {c.checkpoint_every}")
+    for name in positive:
+        require_at_least(name.replace("_", "-"), getattr(c, name))
+    require_at_least("hidden-channels", c.hidden_channels, 2)
+    require_positive("lr", c.lr)
+    if c.beta < 0:
+        raise ConfigError(f"--beta must be non-negative, got {c.beta}")
+    if c.quantizer not in ("ema", "vq", "fsq"):
+        raise ConfigError(f"--quantizer must be ema, vq or fsq, got {c.quantizer!r}")
+    if c.rotation_trick and c.quantizer != "vq":
+        raise ConfigError("--rotation-trick changes the gradient of the vq quantizer: use it with --quantizer vq")
+    if c.restart_threshold < 0 or c.lookup_dim < 0:
+        raise ConfigError("--restart-threshold and --lookup-dim must be non-negative")
+    if c.fsq_levels:
+        try:
+            levels = [int(v) for v in c.fsq_levels.split(",")]
+        except ValueError:
+            levels = []
+        if not levels or min(levels) < 2:
+            raise ConfigError(f"--fsq-levels must be integers of at least 2 separated by commas, got "
+                              f"{c.fsq_levels!r}")
+    if not 0 <= c.decay < 1:
+        raise ConfigError(f"--decay must be in [0, 1), got {c.decay}")
+    if c.amp not in ("auto", "bf16", "off"):
+        raise ConfigError(f"--amp must be auto, bf16 or off, got {c.amp!r}")
+    if c.image_size < 4 or c.image_size % 4:
+        raise ConfigError(f"--image-size must be a positive multiple of 4 (the encoder downsamples by 4), "
+                          f"got {c.image_size}")
+
+
+
+def model_args(c: Config) -> dict:
+    args = {name: getattr(c, name) for name in MODEL_FIELDS}
+    args["fsq_levels"] = tuple(int(v) for v in c.fsq_levels.split(",")) if c.fsq_levels else None
+    return args
+
+
+def build_model(c: Config) -> VQVAE:
+    return VQVAE(**model_args(c))
+
+
+
+def save_checkpoint(path: Path, model: VQVAE, optimizer: torch.optim.Optimizer, step: int, config: Config,
+                    data_variance: float, elapsed: float, metrics: dict | None = None) -> None:
+    atomic_save({"format": CHECKPOINT_FORMAT, "config": asdict(config), "data_variance": data_variance,
+                 **training_state(model, optimizer, step, elapsed, metrics)}, path)
+
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint dict safely (weights_only: a file that carries code is refused, never run)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: pass the checkpoint.pt of a run folder")
+    ckpt = load_plain(path, "checkpoint ")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint written by this repo's train.py")
+    return ckpt
+
+
+def config_from_dict(d: dict) -> Config:
+    known = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in d.items() if k in known})
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[VQVAE, Config, dict]:
+    """Rebuild the model from a checkpoint file alone: (model in eval mode on `device`, its config, the dict)."""
+    ckpt = read_checkpoint(path)
+    config = config_from_dict(ckpt["config"])
+    model = build_model(config)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: the weights do not match the model its config describes "
+                              f"({str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err})"
+                              ) from None
+    return model.to(device).eval(), config, ckpt
+
+
+def check_resume_matches(saved: Config, current: Config, path: Path) -> None:
+    """A resumed run must build the same model on the same data; name the first field that differs."""
+    for name in (*MODEL_FIELDS, "data", "image_size", "batch_size", "seed"):
+        if getattr(saved, name) != getattr(current, name):
+            raise CheckpointError(f"{path} was trained with --{name.replace('_', '-')} {getattr(saved, name)}, "
+                                  f"not {getattr(current, name)}: resume with the same value or use another --out")

@@ -327,7 +327,10 @@ def report(results: dict) -> str:
         achieved = r["flops_per_step"] * r["ours_images_per_s"] / r["batch"]
         peak = results["matmul_peak"][r["amp"]]
         compiled = f"{r['ours+compile_images_per_s']:.0f}" if "ours+compile_images_per_s" in r else "-"
-        lines.append(f"| {r['batch']} x {r['size']}x{r['size']} | {r['amp']} | {r['ref_images_per_s']:.0f} | "
+        amp = r["amp"]
+        if amp == "off" and results["device"].startswith("cuda"):   # cuDNN's default for float32 convolutions
+            amp = "off (TF32 convolutions)" if torch.backends.cudnn.allow_tf32 else "off"
+        lines.append(f"| {r['batch']} x {r['size']}x{r['size']} | {amp} | {r['ref_images_per_s']:.0f} | "
                      f"{r['ours_images_per_s']:.0f} | {r['speedup']:.2f}x | {compiled} | {achieved / 1e9:.0f} G | "
                      f"{achieved / peak:.0%} |")
     lines += ["", "Reference FLOP/s: the float32 reference reaches "

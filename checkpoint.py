@@ -56,8 +56,9 @@ class Config:
     seed: int = 0                   # seeds the weights and the order and augmentation of batches
     # hardware
     device: str = "auto"            # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    amp: str = "auto"               # bf16 autocast: auto (on CUDA and on CPUs with native bf16), bf16, or off
+    amp: str = "auto"               # bf16 autocast: auto (where native), bf16, or off (float32; CUDA convs: TF32)
     compile: bool = False           # torch.compile the model (slow first step, faster after)
+    deterministic: bool = False     # deterministic algorithms only: a resumed CUDA run ends bit-identical (slower)
     num_workers: int = -1           # DataLoader workers for large datasets (-1: one per core, up to 8)
     # run folder and logging
     out: str = "runs/sample"        # run folder: config.json, metrics.jsonl, checkpoint.pt, reconstructions.png
@@ -123,10 +124,12 @@ def build_model(c: Config) -> VQVAE:
 
 
 def save_checkpoint(path: Path, model: VQVAE, optimizer: torch.optim.Optimizer, step: int, config: Config,
-                    data_variance: float, elapsed: float, metrics: dict | None = None) -> None:
+                    data_variance: float, elapsed: float, metrics: dict | None = None,
+                    device: torch.device | None = None, world: int = 1) -> None:
+    """Everything `train` needs to continue the run, written atomically; `world` is the number of processes that
+    trained it (each with `config.batch_size` images a step)."""
     atomic_save({"format": CHECKPOINT_FORMAT, "config": asdict(config), "data_variance": data_variance,
-                 **training_state(model, optimizer, step, elapsed, metrics)}, path)
-
+                 "world": world, **training_state(model, optimizer, step, elapsed, metrics, device)}, path)
 
 
 def read_checkpoint(path: str | Path) -> dict:

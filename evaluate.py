@@ -99,7 +99,10 @@ def report(args: argparse.Namespace) -> int:
         dataset = torch.utils.data.ConcatDataset(dataset) if len(dataset) > 1 else dataset[0]
     loader = eval_loader(dataset, args.batch_size, num_workers=2 if not isinstance(dataset, CachedImages) else 0)
     amp_dtype = amp_dtype_for(config.amp, device)
-    metrics = evaluate(model, loader, device, amp_dtype, channels_last=use_channels_last(device, amp_dtype))
+    channels_last = use_channels_last(device, amp_dtype)
+    if channels_last:   # the model in the memory format of its inputs, as in training
+        model = model.to(memory_format=torch.channels_last)
+    metrics = evaluate(model, loader, device, amp_dtype, channels_last)
     if metrics["num_images"] == 0:
         raise DataError("none of the images could be decoded")
     print(json.dumps({"checkpoint": args.checkpoint, "data": data, "split": split, **metrics}))

@@ -7,7 +7,8 @@ Nothing here knows about a particular model or config: every function takes what
 - device and precision: `pick_device`, `amp_dtype_for`, `use_channels_last`, `autocast`; `make_optimizer`;
 - files: `atomic_save`, `load_plain` / `read_plain_file` (weights-only loading), `open_run_folder`,
   `trim_metrics`, `MetricsLog` (metrics.jsonl and, with --tensorboard, TensorBoard event files);
-- a run's life: `StopOnSignal`, `training_state` / `restore_rng`, `Processes` / `init_processes` (torchrun);
+- a run's life: `StopOnSignal`, `training_state` / `restore_training` / `restore_rng` (resume on any device, in
+  any memory layout), `Processes` / `init_processes` (torchrun), `deterministic_algorithms`;
 - the command line: `field_help`, `parse_args` (flags built from a config dataclass), `quiet_warnings`,
   `run_training_cli` and `run_cli` (errors become one `error:` line and an exit status).
 """
@@ -24,7 +25,7 @@ import signal
 import sys
 import threading
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -76,6 +77,8 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ConfigError("--device mps was asked for but Apple MPS is not available here: use --device auto")
     if device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"unsupported --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)   # so that kernels, generators and caches without a device go to it
     return device
 
 
@@ -94,8 +97,17 @@ def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "bf16":
         return torch.bfloat16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if cuda_has_native_bf16(device) else None
     return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """True on GPUs with bf16 arithmetic in hardware (Ampere and later); a T4 or V100 only emulates it, slowly."""
+    with torch.cuda.device(device):
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:   # a torch without the argument
+            return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def use_channels_last(device: torch.device, amp_dtype: torch.dtype | None) -> bool:
@@ -108,6 +120,28 @@ def use_channels_last(device: torch.device, amp_dtype: torch.dtype | None) -> bo
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     """A context that runs under `amp_dtype` autocast on `device`, or does nothing when it is None."""
     return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool, device: torch.device):
+    """While active: with `enabled`, deterministic algorithms only (torch.use_deterministic_algorithms, cuDNN
+    deterministic, and CUBLAS_WORKSPACE_CONFIG for cuBLAS, which must be set before CUDA starts in this process),
+    so that a CUDA run resumed from a checkpoint ends bit-identical to the uninterrupted run; without it, cuDNN
+    picks the fastest convolution algorithms for the fixed shapes (cudnn.benchmark) on CUDA. The previous
+    settings come back afterwards (a notebook keeps its own)."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                torch.backends.cudnn.benchmark)
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[1], previous[2]
 
 
 def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -306,25 +340,58 @@ class StopOnSignal:
 
 
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, elapsed: float,
-                   metrics: dict | None = None) -> dict:
+                   metrics: dict | None = None, device: torch.device | None = None) -> dict:
     """What a checkpoint needs to continue a run exactly: weights, optimizer, step, random state, time, metrics.
-    Shared by train.py's and train_prior.py's checkpoints; `restore_rng` is its counterpart."""
+    Shared by train.py's and train_prior.py's checkpoints; `restore_training` is its counterpart.
+
+    The CUDA random state saved is that of this process's own `device` alone (a list of one state, or empty off
+    CUDA), so that the checkpoint resumes wherever any number of GPUs, or none, is visible."""
+    cuda = []
+    if device is not None and device.type == "cuda":
+        cuda = [torch.cuda.get_rng_state(device)]
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "rng": {"torch": torch.get_rng_state(), "cuda": cuda},
         "elapsed": elapsed,
         "metrics": metrics or {},
     }
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)`, then give every state tensor the memory layout of its parameter,
+    keeping its values by logical index.
+
+    load_state_dict keeps the saved tensors' strides, and the fused Adam kernel pairs a parameter with its
+    moments by memory position: a checkpoint written in channels-last (bf16, CUDA) and resumed in NCHW (float32
+    on a CPU), or the reverse, would otherwise continue with every 4-d moment scrambled."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            slots = optimizer.state.get(param, {})
+            for key, value in slots.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    slots[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def restore_rng(ckpt: dict, device: torch.device) -> None:
-    """Set the random state saved by `training_state`."""
+    """Set the random state saved by `training_state`. On CUDA the saved state of this device is used: the one
+    state a checkpoint holds, or, in checkpoints that saved every visible GPU's state, that of the same index
+    (the first when this device's index is beyond them)."""
     torch.set_rng_state(ckpt["rng"]["torch"])
-    if device.type == "cuda" and ckpt["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    states = ckpt["rng"].get("cuda") or []
+    if device.type == "cuda" and states:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_rng_state(states[index] if index < len(states) else states[0], device)
+
+
+def restore_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: dict) -> None:
+    """Load the weights and the optimizer state of a checkpoint written by `training_state` into a model and
+    optimizer already on their device and in their memory layout (which may differ from the writer's). The
+    random state is restored separately (`restore_rng`), last, so that nothing drawn in between moves it."""
+    model.load_state_dict(ckpt["model"])
+    load_optimizer_state(optimizer, ckpt["optimizer"])
 
 
 class Processes(NamedTuple):

@@ -44,8 +44,8 @@ from evaluate import evaluate
 from image_data import DataSplits, batches, build_data, default_workers, eval_loader
 from models import VQVAE
 from runs import (TENSORBOARD_FILES, Interrupted, MetricsLog, Processes, StopOnSignal, amp_dtype_for, autocast,
-                  init_processes, make_optimizer, open_run_folder, parse_args, pick_device, restore_rng,
-                  run_training_cli, use_channels_last)
+                  deterministic_algorithms, init_processes, make_optimizer, open_run_folder, parse_args, pick_device,
+                  restore_rng, restore_training, run_training_cli, use_channels_last)
 
 
 class TrainResult(NamedTuple):
@@ -90,6 +90,16 @@ def prepare_out(c: Config, main: bool = True) -> tuple[Path, dict | None]:
                            ("checkpoint.pt", "metrics.jsonl", "reconstructions.png", TENSORBOARD_FILES), main)
 
 
+def say_if_processes_changed(ckpt: dict, c: Config, procs: Processes, out: Path) -> None:
+    """One line when a run resumes with another number of processes than wrote its checkpoint: `--batch-size`
+    is per process, so the global batch, and with it the order of the data, changes from here on."""
+    saved = ckpt.get("world")   # absent in checkpoints written before the number was recorded
+    if procs.main and saved is not None and saved != procs.world:
+        print(f"resuming {out} at step {ckpt['step']} with {procs.world} process(es) (global batch "
+              f"{procs.world * c.batch_size}); it was trained with {saved} (global batch {saved * c.batch_size}): "
+              f"the batches differ from here on", flush=True)
+
+
 def train(config: Config, callback: Callable[[dict], None] | None = None) -> TrainResult:
     """Train a VQ-VAE as `config` says; `callback(record)` sees every metrics record as it is written.
 
@@ -101,7 +111,9 @@ def train(config: Config, callback: Callable[[dict], None] | None = None) -> Tra
     check_config(c)
     procs, ddp_device = init_processes(c.device)
     try:
-        return _train(c, procs, ddp_device or pick_device(c.device), callback)
+        device = ddp_device or pick_device(c.device)
+        with deterministic_algorithms(c.deterministic, device):
+            return _train(c, procs, device, callback)
     finally:
         if procs.started_here:
             dist.destroy_process_group()
@@ -125,10 +137,10 @@ def _train(c: Config, procs: Processes, device: torch.device, callback: Callable
     optimizer = make_optimizer(model.parameters(), c.lr, device)
     start_step, elapsed, variance = 0, 0.0, data.variance
     if resume_from is not None:
-        model.load_state_dict(resume_from["model"])
-        optimizer.load_state_dict(resume_from["optimizer"])
+        restore_training(model, optimizer, resume_from)   # moments take this run's memory layout
         start_step, elapsed = resume_from["step"], resume_from["elapsed"]
         variance = resume_from["data_variance"]   # the normaliser the run started with
+        say_if_processes_changed(resume_from, c, procs, out)
     metrics = MetricsLog(out, start_step, resume_from is not None, c.tensorboard, callback, enabled=procs.main)
     if procs.main:
         (out / "config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
@@ -150,7 +162,8 @@ def _train(c: Config, procs: Processes, device: torch.device, callback: Callable
 
     def checkpoint(step: int, metrics: dict | None = None) -> None:
         if procs.main:
-            save_checkpoint(out / "checkpoint.pt", model, optimizer, step, c, variance, elapsed, metrics)
+            save_checkpoint(out / "checkpoint.pt", model, optimizer, step, c, variance, elapsed, metrics, device,
+                            procs.world)
 
     final: dict = dict(resume_from["metrics"]) if resume_from is not None else {}
     if start_step >= c.steps and procs.main:

@@ -38,7 +38,7 @@ from image_data import StepBatchSampler
 from prior import GatedPixelCNN
 from runs import (TENSORBOARD_FILES, CheckpointError, ConfigError, Interrupted, MetricsLog, StopOnSignal,
                   amp_dtype_for, atomic_save, autocast, open_run_folder, parse_args, pick_device, read_plain_file,
-                  require_at_least, require_positive, restore_rng, run_training_cli, training_state)
+                  require_at_least, require_positive, restore_rng, restore_training, run_training_cli, training_state)
 
 CHECKPOINT_FORMAT = "pixelcnn-prior-v1"
 
@@ -206,8 +206,7 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
     optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
     start_step, elapsed = 0, 0.0
     if resume_from is not None:
-        model.load_state_dict(resume_from["model"])
-        optimizer.load_state_dict(resume_from["optimizer"])
+        restore_training(model, optimizer, resume_from)
         start_step, elapsed = resume_from["step"], resume_from["elapsed"]
         restore_rng(resume_from, device)
     metrics = MetricsLog(out, start_step, resume_from is not None, c.tensorboard, callback)
@@ -226,7 +225,7 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
             "codes": str(Path(c.codes).expanduser().resolve()),
             "vqvae": {"checkpoint": codes["vqvae_checkpoint"], "config": codes["vqvae_config"],
                       "step": codes["vqvae_step"]},
-            **training_state(model, optimizer, step, elapsed, metrics),
+            **training_state(model, optimizer, step, elapsed, metrics, device),
         }, out / "checkpoint.pt")
 
     def validate() -> dict:

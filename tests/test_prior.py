@@ -583,3 +583,26 @@ def test_prior_flags_come_from_the_config_fields():
     c = runs.parse_args(["--channels", "8", "--no-conditional", "--lr", "0.01", "--codes", "x.pt"], PriorConfig)
     assert (c.channels, c.conditional, c.lr, c.codes) == (8, False, 0.01, "x.pt")
     assert set(runs.field_help(PriorConfig)) == set(asdict(PriorConfig()))
+
+
+def test_codes_that_differ_at_a_few_near_ties_warn_and_at_many_stop():
+    with pytest.warns(UserWarning, match=r"5 of 1000 validation codes \(0\.500%\) differ"):
+        evaluate_prior.check_codes_agree(5, 1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate_prior.check_codes_agree(0, 1000)                   # no difference, no warning
+    with pytest.raises(runs.CheckpointError, match=r"2\.0% of the codes differ"):
+        evaluate_prior.check_codes_agree(20, 1000)
+
+
+def test_evaluate_prior_stops_in_one_line_when_the_codes_file_is_not_this_vqvaes(pipeline, tmp_path, capsys,
+                                                                               plain_warnings):
+    codes = torch.load(pipeline["root"] / "codes.pt", weights_only=True)
+    k = codes["num_embeddings"]
+    codes["val_codes"] = ((codes["val_codes"].long() + 1) % k).to(codes["val_codes"].dtype)   # every code differs
+    torch.save(codes, tmp_path / "codes.pt")
+    prior = torch.load(pipeline["prior_ckpt"], weights_only=True)
+    prior["codes"] = str(tmp_path / "codes.pt")
+    torch.save(prior, tmp_path / "prior.pt")
+    rc, _, err = call_main(evaluate_prior.main, ["--checkpoint", tmp_path / "prior.pt", "--device", "cpu"], capsys)
+    assert_clean_error(rc, err, "100.0% of the codes differ", "extract_codes.py again")

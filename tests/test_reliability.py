@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ TINY_FLAGS = ["--data", "sample", "--image-size", "16", "--batch-size", "4", "--
               "--num-workers", "0", "--log-every", "1"]
 
 
-def test_two_gloo_processes_hold_identical_codebooks_and_match_one_process(tmp_path):
+def test_two_gloo_processes_hold_identical_codebooks_and_match_one_process(tmp_path, capsys):
     """torchrun, 2 CPU processes with batch 4 each: the ranks end bit-identical (codebook and weights), and match
     one process that sees both shards together (batch 8) to float tolerance. The run uses k-means initialisation
     and dead-code restarts, the two codebook updates that draw random choices."""
@@ -43,6 +44,13 @@ def test_two_gloo_processes_hold_identical_codebooks_and_match_one_process(tmp_p
     # only rank 0 wrote the run folder
     records = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in records] == [1, 2, 3, 4, 5, 6]
+    # the 2-process checkpoint resumes in one process, saying at the start that the global batch changed
+    assert torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)["world"] == 2
+    capsys.readouterr()
+    resumed = train.train(replace(tiny(str(tmp_path / "ddp"), 4), resume=True, steps=8))
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resuming")]
+    assert len(said) == 1 and "with 1 process(es) (global batch 4)" in said[0] and "with 2 (global batch 8)" in said[0]
+    assert resumed.history[-1]["step"] == 8
 
 
 def run_until_checkpoint(args: list[str], out: Path, min_step: int) -> subprocess.Popen:

@@ -89,9 +89,10 @@ def test_ema_update_is_in_place_on_the_buffers():
 # "the codebook starts from 10 iterations of k-means on the first batch's encoder outputs"
 
 
-def lloyd(x: np.ndarray, start: np.ndarray, iterations: int) -> tuple[np.ndarray, float]:
-    """Lloyd's algorithm in float64 from the given rows; also the smallest gap between a point's nearest and
-    second-nearest centre seen at any assignment (so the test can check float32 cannot decide differently)."""
+def lloyd(x: np.ndarray, start: np.ndarray, iterations: int, spherical: bool = False) -> tuple[np.ndarray, float]:
+    """Lloyd's algorithm in float64 from the given rows (`spherical`: each new centre scaled to unit length); also
+    the smallest gap between a point's nearest and second-nearest centre seen at any assignment (so the test can
+    check float32 cannot decide differently)."""
     centres, gap = x[start].copy(), np.inf
     for _ in range(iterations):
         d = ((x[:, None, :] - centres[None]) ** 2).sum(-1)      # (N, k)
@@ -101,6 +102,8 @@ def lloyd(x: np.ndarray, start: np.ndarray, iterations: int) -> tuple[np.ndarray
         for j in range(len(centres)):
             if (assign == j).any():
                 centres[j] = x[assign == j].mean(0)
+                if spherical:
+                    centres[j] /= np.linalg.norm(centres[j])
     return centres, gap
 
 
@@ -124,6 +127,21 @@ def test_kmeans_runs_ten_lloyd_iterations():
     assert counts.tolist() == np.bincount(d.argmin(1), minlength=k).astype(float).tolist()
 
 
+def test_spherical_kmeans_renormalises_the_centres():
+    """With `cosine` (the default codebook) the centres are scaled back to unit length after every update."""
+    g = np.random.default_rng(8)
+    x = g.standard_normal((300, 3)) * np.array([1.0, 0.6, 0.3])
+    x = torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True)).float()            # on the unit sphere
+    torch.manual_seed(3)
+    start = torch.randperm(len(x))[:10].numpy()
+    torch.manual_seed(3)
+    centres, _ = kmeans(x, 10, cosine=True)
+    reference, gap = lloyd(x.double().numpy(), start, 10, spherical=True)
+    assert gap > 1e-5
+    assert np.abs(lloyd(x.double().numpy(), start, 10)[0] - reference).max() > 1e-2    # renormalising matters
+    np.testing.assert_allclose(centres.double().numpy(), reference, atol=1e-5)
+
+
 def test_kmeans_initialisation_of_the_quantizer_uses_ten_iterations():
     """The quantizer's first training step: k-means (10 iterations) on the batch, then its EMA update. With
     decay 0 and a negligible eps that update is one more Lloyd step, so the codebook after the step is Lloyd's
@@ -141,6 +159,24 @@ def test_kmeans_initialisation_of_the_quantizer_uses_ten_iterations():
     assert len(np.unique(d.argmin(1))) == k                       # no empty cluster (decay 0 would zero it)
     assert np.abs(lloyd(x.double().numpy(), start, 10)[0] - reference).max() > 1e-3
     np.testing.assert_allclose(vq.embedding.double().numpy(), reference, atol=1e-5)
+
+
+def test_cosine_codes_compare_normalised_inputs_with_normalised_codes():
+    """"--cosine: l2-normalised codes and inputs": the commitment loss is between the unit-length z and its
+    unit-length code (NumPy float64); with unnormalised inputs the nearest code would be the same but not the loss."""
+    torch.manual_seed(9)
+    vq = VectorQuantizerEMA(16, 6, beta=0.25, cosine=True).eval()
+    z = torch.randn(2, 6, 3, 3) * 3
+    out = vq(z)
+    flat = flatten_latents(z).double().numpy()
+    z_hat = flat / np.linalg.norm(flat, axis=1, keepdims=True)
+    e = vq.embedding.double().numpy()
+    e_hat = e / np.linalg.norm(e, axis=1, keepdims=True)
+    nearest = (z_hat @ e_hat.T).argmax(1)
+    assert out.indices.flatten().tolist() == nearest.tolist()
+    commitment = ((z_hat - e_hat[nearest]) ** 2).mean()
+    assert out.commitment_loss.item() == pytest.approx(commitment, rel=1e-5)
+    assert out.loss.item() == pytest.approx(0.25 * commitment, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -100,9 +100,11 @@ def test_resize_then_centre_crop(tmp_path):
 # Large JPEGs: load_image "lets libjpeg decode at a reduced scale when it can"
 
 
-def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
-    """PIL reports the size it decoded at; for 2048x1536 and a short side of 16, libjpeg's largest reduction
-    (1/8) gives 256x192 instead of decoding all 3 megapixels."""
+@pytest.mark.parametrize("short, decoded_size, shape", [(16, (256, 192), (3, 16, 21)),
+                                                      (200, (512, 384), (3, 200, 267))])
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path, monkeypatch, short, decoded_size, shape):
+    """PIL reports the size it decoded at. For 2048x1536 and a short side of 16, libjpeg's largest reduction (1/8)
+    gives 256x192 instead of all 3 megapixels; for 200, 1/8 would be too small (192), so 1/4: 512x384."""
     path = tmp_path / "big.jpg"
     Image.new("RGB", (2048, 1536), (200, 100, 50)).save(path, quality=90)
     decoded = []
@@ -115,9 +117,9 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
         return result
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", load)
-    x = image_data.load_image(path, 16)
-    assert decoded and set(decoded) == {(256, 192)}, decoded
-    assert x.shape == (3, 16, 21)                                  # 2048 * 16 / 1536 = 21.3
+    x = image_data.load_image(path, short)
+    assert decoded and set(decoded) == {decoded_size}, decoded
+    assert x.shape == shape                                        # 2048 * short / 1536, rounded
     assert (x.int() - torch.tensor([200, 100, 50]).view(3, 1, 1)).abs().max() <= 3
 
 

@@ -133,6 +133,15 @@ def test_the_reconstruction_term_is_the_mse_over_the_training_pixels_variance(fo
         assert record["loss"] == pytest.approx(record["recon_loss"] + 0.25 * record["commitment_loss"], rel=1e-5)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["data_variance"] == pytest.approx(variance, rel=1e-3)
+    # "Training logs the number of restarts, and every validation reports codebook usage and perplexity over the
+    # whole validation split"
+    last = result.history[-1]
+    assert last["restarts"] == int(result.model.quantizer.restarts)
+    expected = reference_metrics(tmp_path / "run" / "checkpoint.pt", pixels_of((folder / "val").iterdir()), 64)
+    assert last["val_num_images"] == 3
+    assert last["val_mse"] == pytest.approx(expected["mse"], rel=1e-5)
+    assert last["val_perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
+    assert last["val_codebook_usage"] == pytest.approx(expected["codebook_usage"])
 
 
 def test_a_resumed_run_keeps_the_variance_it_started_with(folder, tmp_path, monkeypatch):
@@ -214,13 +223,16 @@ def reference_metrics(checkpoint: Path, images: np.ndarray, batch_size: int) -> 
             "perplexity": math.exp(entropy)}
 
 
-@pytest.mark.parametrize("split", ["train", "val", "all"])
+@pytest.mark.parametrize("split", ["train", "val", "all", None])
 def test_evaluate_split_of_a_folder(split, run, folder, capsys, plain_warnings):
-    """Batches of 2, so a mean of per-batch numbers would differ from the pooled ones."""
-    rc, out, err = call_main(evaluate.main, ["--checkpoint", run, "--split", split, "--batch-size", 2,
-                                             "--device", "cpu"], capsys)
+    """Batches of 2, so a mean of per-batch numbers would differ from the pooled ones. Without --split (and without
+    --data) it is the checkpoint's validation split."""
+    flags = ["--split", split] if split else []
+    rc, out, err = call_main(evaluate.main, ["--checkpoint", run, *flags, "--batch-size", 2, "--device", "cpu"],
+                             capsys)
     assert rc == 0, err
     report = json.loads(out.strip().splitlines()[-1])
+    split = split or "val"
     paths = {"train": (folder / "train").iterdir(), "val": (folder / "val").iterdir(),
              "all": folder.rglob("*.png")}[split]
     expected = reference_metrics(run, pixels_of(paths), 2)

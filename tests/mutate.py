@@ -1,0 +1,353 @@
+"""Mutation check: break README's promises on purpose, one line at a time, and see whether the tests notice.
+
+    python tests/mutate.py                 # every mutation (about 7 minutes on the 2-core development CPU)
+    python tests/mutate.py --list          # the mutations, the file each edits and whether its target is there
+    python tests/mutate.py --only NAME     # one mutation (repeat --only for several)
+
+The repository (its tracked and untracked-but-not-ignored files, without runs/ and data/) is copied to a temporary
+folder. First the guard tests of the chosen mutations run there unmutated and must pass (otherwise every mutation
+would look caught). Then each mutation replaces one exact target string in one file (a one-line breakage of a
+promise: never a syntax error or an import failure), runs its guard tests with the same interpreter
+(`pytest -x -q -p no:cacheprovider <node ids>`, cwd the copy) and restores the file. One line per mutation:
+`caught by <test>`, `MISSED`, or why it could not be judged (a target no longer in the file, or found more than once;
+a pytest run that did not get to its tests): all of these count as not caught. The last line is
+`mutations: N caught of M`; the exit status is 0 when at least 90% were caught.
+
+Standard library only. tests/PROMISES.md says which promise each mutation breaks.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOOR = 0.9
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    section: str     # the README section whose promise it breaks
+    file: str        # relative to the repository root
+    target: str      # must occur exactly once in the file
+    replacement: str
+    guards: tuple[str, ...]   # pytest node ids, run in this order with -x
+
+
+P, PD, PR = "tests/test_promises.py", "tests/test_promises_data.py", "tests/test_promises_runs.py"
+MUTATIONS = [
+    # ---- the quantizers' maths (README "The model")
+    Mutation("nearest-code-distance", "The model", "models.py",
+             "codebook.t(), alpha=-2.0)", "codebook.t(), alpha=-1.0)",
+             ("tests/test_models.py::test_nearest_codes_match_brute_force",)),
+    Mutation("vq-loss-beta-on-codebook-term", "The model", "models.py",
+             "loss = codebook_loss + self.beta * commitment_loss", "loss = self.beta * codebook_loss + commitment_loss",
+             ("tests/test_models.py::test_beta_weights_the_commitment_term",)),
+    Mutation("straight-through-feeds-the-codebook", "The model", "models.py",
+             "return codes.detach() + (flat - flat.detach())", "return codes + (flat - flat.detach())",
+             ("tests/test_models.py::test_straight_through_gradient",)),
+    Mutation("perplexity-sign", "The model", "models.py",
+             "torch.exp(-torch.special.xlogy(p, p).sum())", "torch.exp(torch.special.xlogy(p, p).sum())",
+             ("tests/test_models.py::test_perplexity_extremes",)),
+    Mutation("fsq-rounds-down", "Codebook health", "models.py",
+             "rounded = h + (torch.round(h) - h).detach()", "rounded = h + (torch.floor(h) - h).detach()",
+             (f"{P}::test_fsq_rounds_each_channel_to_the_nearest_grid_point",)),
+    Mutation("fsq-index-rounds-down", "Codebook health", "models.py",
+             "digits = (torch.round(h) + self._levels // 2)", "digits = (torch.floor(h) + self._levels // 2)",
+             (f"{P}::test_fsq_rounds_each_channel_to_the_nearest_grid_point",)),
+    Mutation("vq-search-in-bf16", "The model", "models.py",
+             "with torch.autocast(z.device.type, enabled=False):\n            flat, indices, codes = self._search(z)\n"
+             "            codebook_loss",
+             "with torch.autocast(z.device.type, enabled=True):\n            flat, indices, codes = self._search(z)\n"
+             "            codebook_loss",
+             (f"{P}::test_search_under_bf16_autocast_equals_float64_brute_force",)),
+    Mutation("encode-search-in-bf16", "The model", "models.py",
+             "with torch.autocast(z.device.type, enabled=False):\n            return nearest_code(",
+             "with torch.autocast(z.device.type, enabled=True):\n            return nearest_code(",
+             (f"{P}::test_search_under_bf16_autocast_equals_float64_brute_force",)),
+    # ---- the EMA update (README "The model": appendix A.1, "Where this repo differs")
+    Mutation("ema-counts-start-at-zero", "The model", "models.py",
+             'self.register_buffer("cluster_size", torch.ones(num_embeddings))',
+             'self.register_buffer("cluster_size", torch.zeros(num_embeddings))',
+             (f"{P}::test_an_unused_code_keeps_its_place_after_one_step_and_after_many",)),
+    Mutation("ema-sums-start-at-zero", "The model", "models.py",
+             'self.register_buffer("embed_sum", embedding.clone())',
+             'self.register_buffer("embed_sum", torch.zeros_like(embedding))',
+             (f"{P}::test_an_unused_code_keeps_its_place_after_one_step_and_after_many",)),
+    Mutation("laplace-smoothing-without-k", "The model", "models.py",
+             "(n + self.num_embeddings * self.eps)", "(n + self.eps)",
+             (f"{P}::test_laplace_smoothing_worked_by_hand",)),
+    Mutation("ema-decay-weights-the-batch", "The model", "models.py",
+             "self.embed_sum.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)",
+             "self.embed_sum.mul_(self.decay).add_(sums, alpha=self.decay)",
+             ("tests/test_models.py::test_ema_single_step_by_hand",)),
+    Mutation("ema-updates-in-eval-mode", "The model", "models.py",
+             "if self.training:\n                self._ema_update", "if True:\n                self._ema_update",
+             ("tests/test_models.py::test_ema_buffers_do_not_change_in_eval_mode",)),
+    # ---- codebook health
+    Mutation("kmeans-no-iterations", "Codebook health", "models.py",
+             "iterations: int = 10", "iterations: int = 0",
+             (f"{P}::test_kmeans_initialisation_of_the_quantizer_uses_ten_iterations",)),
+    Mutation("kmeans-nine-iterations", "Codebook health", "models.py",
+             "for _ in range(iterations):", "for _ in range(iterations - 1):",
+             (f"{P}::test_kmeans_runs_ten_lloyd_iterations",)),
+    Mutation("restarts-never", "Codebook health", "models.py",
+             "dead = usage < self.restart_threshold", "dead = usage < 0",
+             ("tests/test_codebook.py::test_restart_revives_dead_codes_and_resets_their_statistics",)),
+    Mutation("cosine-ignored", "Codebook health", "models.py",
+             "return l2norm(flat) if self.cosine else flat", "return flat",
+             ("tests/test_codebook.py::test_cosine_nearest_codes_match_brute_force_cosine_similarity",
+              f"{P}::test_cosine_codes_compare_normalised_inputs_with_normalised_codes")),
+    Mutation("spherical-kmeans-not-renormalised", "Codebook health", "models.py",
+             "if cosine:\n            centres = l2norm(centres)", "if False:\n            centres = l2norm(centres)",
+             (f"{P}::test_spherical_kmeans_renormalises_the_centres",)),
+    Mutation("default-without-cosine", "Codebook health", "checkpoint.py",
+             "cosine: bool = True ", "cosine: bool = False",
+             (f"{P}::test_config_defaults_are_the_ones_readme_states",)),
+    # ---- the prior's causality
+    Mutation("prior-vertical-not-shifted", "Generation", "prior.py",
+             "return F.pad(x, (0, 0, 1, 0))[:, :, :-1, :]", "return x",
+             ("tests/test_prior.py::test_no_blind_spot_every_earlier_position_and_nothing_else[0]",)),
+    Mutation("prior-vertical-sees-below", "Generation", "prior.py",
+             "F.pad(v, (p, p, p, 0))", "F.pad(v, (p, p, 0, p))",
+             ("tests/test_prior.py::test_receptive_field_is_exactly_the_stacks_reach[2-3]",)),
+    Mutation("prior-horizontal-sees-right", "Generation", "prior.py",
+             "F.pad(h, (self.pad, 0, 0, 0))", "F.pad(h, (0, self.pad, 0, 0))",
+             ("tests/test_prior.py::test_receptive_field_is_exactly_the_stacks_reach[2-3]",)),
+    Mutation("prior-nll-averaged", "Generation", "prior.py",
+             'reduction="none").flatten(1).sum(1)', 'reduction="none").flatten(1).mean(1)',
+             ("tests/test_prior.py::test_validation_nll_is_the_mean_cross_entropy",)),
+    # ---- the metrics
+    Mutation("psnr-20-log10", "Command line", "evaluate.py",
+             '"psnr": 10 * math.log10', '"psnr": 20 * math.log10',
+             (f"{PR}::test_evaluate_split_of_a_folder[val]",)),
+    Mutation("perplexity-of-the-last-batch", "Command line", "evaluate.py",
+             '"perplexity": perplexity_from_counts(counts).item(),', '"perplexity": out.vq.perplexity.item(),',
+             (f"{PR}::test_evaluate_split_of_a_folder[all]",)),
+    Mutation("split-train-is-val", "Command line", "evaluate.py",
+             '"train": [splits.train]', '"train": [splits.val]',
+             (f"{PR}::test_evaluate_split_of_a_folder[train]",)),
+    Mutation("evaluate-default-split-is-all", "Command line", "evaluate.py",
+             'split = args.split or ("all" if args.data and is_folder else "val")', 'split = args.split or "all"',
+             (f"{PR}::test_evaluate_split_of_a_folder[None]",)),
+    Mutation("split-all-is-val", "Command line", "evaluate.py",
+             '"all": [splits.train, splits.val]', '"all": [splits.val]',
+             (f"{PR}::test_evaluate_split_all_of_the_sample_is_training_and_validation_crops",)),
+    Mutation("unigram-counted-on-val", "Generation", "evaluate_prior.py",
+             'unigram_cross_entropy(codes["train_codes"], val_codes, k)', "unigram_cross_entropy(val_codes, val_codes, k)",
+             (f"{PR}::test_unigram_baseline_counts_training_maps_and_scores_validation_maps",)),
+    Mutation("unigram-unsmoothed", "Generation", "evaluate_prior.py",
+             "minlength=num_embeddings).double() + 1.0", "minlength=num_embeddings).double() + 0.0",
+             ("tests/test_prior.py::test_unigram_baseline_by_hand",)),
+    Mutation("loss-not-normalised", "The model", "train.py",
+             "F.mse_loss(out_.reconstruction.float(), x) / variance", "F.mse_loss(out_.reconstruction.float(), x)",
+             (f"{PR}::test_the_reconstruction_term_is_the_mse_over_the_training_pixels_variance",)),
+    Mutation("variance-of-validation", "The model", "image_data.py",
+             "return DataSplits(train, val, classes, pixel_variance(train),",
+             "return DataSplits(train, val, classes, pixel_variance(val),",
+             (f"{PD}::test_the_variance_is_that_of_the_training_pixels[1024]",)),
+    Mutation("variance-is-std", "The model", "image_data.py",
+             "return float(x.float().div(255).var())", "return float(x.float().div(255).std())",
+             (f"{PD}::test_the_variance_is_that_of_the_training_pixels[1024]",)),
+    # ---- resume and the run folder
+    Mutation("resume-forgets-rng", "Command line", "train.py",
+             "        restore_rng(resume_from, device)\n    model.train()", "        pass\n    model.train()",
+             ("tests/test_train.py::test_resume_continues_exactly",)),
+    Mutation("resume-restarts-the-batches", "Command line", "train.py",
+             "batches(data.train, c.batch_size, c.seed, start_step,", "batches(data.train, c.batch_size, c.seed, 0,",
+             ("tests/test_train.py::test_resume_continues_exactly",)),
+    Mutation("resume-takes-the-new-variance", "Command line", "train.py",
+             'variance = resume_from["data_variance"]', "variance = data.variance",
+             (f"{PR}::test_a_resumed_run_keeps_the_variance_it_started_with",)),
+    Mutation("resume-ignores-image-size", "Command line", "checkpoint.py",
+             '(*MODEL_FIELDS, "data", "image_size", "batch_size", "seed")', '(*MODEL_FIELDS, "data", "batch_size", "seed")',
+             ("tests/test_cli_errors.py::test_resume_with_a_different_model[--image-size-32]",)),
+    Mutation("overwrite-keeps-old-files", "Command line", "runs.py",
+             "if overwrite and main:", "if False:",
+             (f"{PR}::test_overwrite_removes_the_old_run_files_before_training",)),
+    Mutation("overwrite-resumes", "Command line", "runs.py",
+             "if ckpt_path.exists() and resume:", "if ckpt_path.exists() and (resume or overwrite):",
+             (f"{PR}::test_overwrite_starts_again_from_step_zero",)),
+    # ---- safe loading
+    Mutation("unsafe-load", "Command line", "runs.py",
+             'torch.load(path, map_location="cpu", weights_only=True)',
+             'torch.load(path, map_location="cpu", weights_only=False)',
+             ("tests/test_reliability.py::test_a_checkpoint_carrying_code_is_refused_without_running_it",)),
+    Mutation("mismatch-is-a-traceback", "Command line", "checkpoint.py",
+             "except RuntimeError as err:\n        raise CheckpointError(f\"{path}: the weights do not match",
+             "except KeyError as err:\n        raise CheckpointError(f\"{path}: the weights do not match",
+             (f"{PR}::test_weights_that_do_not_match_their_config_are_one_error_line",)),
+    Mutation("non-strict-load", "Command line", "checkpoint.py",
+             'model.load_state_dict(ckpt["model"])\n    except RuntimeError',
+             'model.load_state_dict(ckpt["model"], strict=False)\n    except RuntimeError',
+             (f"{PR}::test_weights_that_do_not_match_their_config_are_one_error_line",)),
+    # ---- the data
+    Mutation("crop-from-the-corner", "Your own images", "image_data.py",
+             "top, left = (x.shape[1] - size) // 2, (x.shape[2] - size) // 2", "top, left = 0, 0",
+             (f"{PD}::test_centre_crop_of_a_wide_and_a_tall_image",)),
+    Mutation("jpeg-decoded-at-full-size", "Your own images", "image_data.py",
+             'if img.format == "JPEG":', "if False:",
+             (f"{PD}::test_a_large_jpeg_is_decoded_at_a_reduced_scale",)),
+    Mutation("jpeg-draft-from-the-long-side", "Your own images", "image_data.py",
+             "ratio = short_side / min(w, h)", "ratio = short_side / max(w, h)",
+             (f"{PD}::test_a_large_jpeg_is_decoded_at_a_reduced_scale",)),
+    Mutation("split-by-python-hash", "Your own images", "image_data.py",
+             'h = int.from_bytes(hashlib.sha1(relative_path.encode("utf-8")).digest()[:8], "big")',
+             "h = hash(relative_path) % 2**64",
+             (f"{PD}::test_the_split_is_the_same_in_other_processes",)),
+    Mutation("extension-case-sensitive", "Your own images", "image_data.py",
+             "p.suffix.lower() in IMAGE_EXTENSIONS", "p.suffix in IMAGE_EXTENSIONS",
+             ("tests/test_data.py::test_find_images_recursive_case_insensitive_ignores_other_files",)),
+    Mutation("alpha-on-black", "Your own images", "image_data.py",
+             "(255, 255, 255, 255)", "(0, 0, 0, 255)",
+             ("tests/test_data.py::test_modes_are_converted_to_rgb_correctly",)),
+    Mutation("no-test-folder", "Your own images", "image_data.py",
+             'VAL_DIRS = ("val", "valid", "validation", "test")', 'VAL_DIRS = ("val", "valid", "validation")',
+             ("tests/test_data.py::test_other_validation_folder_names[test]",)),
+    Mutation("sample-strip-in-training", "Your own images", "image_data.py",
+             "tops.append(photo[:, :height - image_size].clone())", "tops.append(photo.clone())",
+             ("tests/test_data.py::test_sample_holds_out_the_bottom_strip_of_each_tall_enough_training_photo",)),
+    # ---- the one-line errors
+    Mutation("data-error-is-a-traceback", "Command line", "runs.py",
+             "USER_ERRORS = (ConfigError, DataError, CheckpointError)", "USER_ERRORS = (ConfigError, CheckpointError)",
+             ("tests/test_cli_errors.py::test_bad_data[missing]",)),
+    Mutation("non-finite-loss-ignored", "Command line", "train.py",
+             "if len(bad):", "if False:",
+             ("tests/test_reliability.py::test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint",)),
+    # ---- generation and the notebook
+    Mutation("sample-class-ignored", "Generation", "sample.py",
+             "return torch.full((num,), classes.index(choice))", "return torch.arange(num) % len(classes)",
+             (f"{PR}::test_sample_class_picks_the_class_by_name_or_index",)),
+    Mutation("notebook-without-vectorquantizer", "The notebook", "vqvae.ipynb",
+             "from models import Encoder, VectorQuantizer, VectorQuantizerEMA, Decoder",
+             "from models import Encoder, VectorQuantizerEMA, Decoder",
+             (f"{P}::test_notebook_imports_the_four_parts_from_models_and_trains_through_train",)),
+]
+
+
+def repo_files(root: Path) -> list[str]:
+    """Tracked and untracked-but-not-ignored files (the working tree as a user would test it), without run
+    folders and datasets."""
+    try:
+        out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                             capture_output=True, text=True, check=True).stdout
+        names = [n for n in out.split("\0") if n]
+    except (OSError, subprocess.CalledProcessError):
+        names = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".git" not in p.parts]
+    return [n for n in sorted(set(names)) if not n.startswith(("runs/", "data/", ".git/")) and "__pycache__" not in n
+            and (root / n).is_file()]
+
+
+def copy_repo(root: Path, dest: Path) -> None:
+    for name in repo_files(root):
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, dest / name)
+
+
+def pytest(copy: Path, node_ids: tuple[str, ...], timeout: float = 600) -> tuple[int, str]:
+    """Run the tests in the copy with this interpreter: (exit status, output). Bytecode is never written, so a
+    restored file can never be shadowed by the .pyc of its mutated version (same size, same second)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *node_ids],
+                           cwd=copy, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return -1, "timed out"
+    return r.returncode, r.stdout + r.stderr
+
+
+def first_failure(output: str) -> str:
+    found = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
+    return found.group(1) if found else "a failing test"
+
+
+def check_target(text: str, m: Mutation) -> str | None:
+    """Why the mutation cannot be applied to this text, or None."""
+    count = text.count(m.target)
+    if count == 0:
+        return f"STALE: target not found in {m.file}"
+    if count > 1:
+        return f"STALE: target found {count} times in {m.file}"
+    return None
+
+
+def run_one(copy: Path, m: Mutation) -> tuple[bool, str]:
+    path = copy / m.file
+    if not path.is_file():
+        return False, f"STALE: {m.file} does not exist"
+    original = path.read_text()
+    problem = check_target(original, m)
+    if problem:
+        return False, problem
+    path.write_text(original.replace(m.target, m.replacement))
+    try:
+        rc, output = pytest(copy, m.guards)
+    finally:
+        path.write_text(original)
+    if rc == 1:
+        return True, f"caught by {first_failure(output)}"
+    if rc == 0:
+        return False, "MISSED"
+    tail = output.strip().splitlines()[-1] if output.strip() else ""
+    return False, f"NOT JUDGED: pytest exit status {rc} (no test ran to a verdict: {tail[:100]})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", action="append", metavar="NAME", help="run only this mutation (repeatable)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and whether their targets exist")
+    parser.add_argument("--no-baseline", action="store_true", help="skip running the guards unmutated first")
+    args = parser.parse_args(argv)
+    names = [m.name for m in MUTATIONS]
+    assert len(set(names)) == len(names), "mutation names must be unique"
+    chosen = MUTATIONS
+    if args.only:
+        unknown = [n for n in args.only if n not in names]
+        if unknown:
+            parser.error(f"unknown mutation(s) {', '.join(unknown)}; --list shows them")
+        chosen = [m for m in MUTATIONS if m.name in args.only]
+    width = max(len(m.name) for m in chosen)
+    if args.list:
+        for m in chosen:
+            path = ROOT / m.file
+            status = check_target(path.read_text(), m) if path.is_file() else f"STALE: {m.file} does not exist"
+            print(f"{m.name:{width}s}  {m.section:16s} {m.file:18s} {status or 'ok'}  guards: {' '.join(m.guards)}")
+        return 0
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="vqvae-mutate-") as tmp:
+        copy = Path(tmp) / "repo"
+        copy.mkdir()
+        copy_repo(ROOT, copy)
+        if not args.no_baseline:
+            guards = tuple(dict.fromkeys(g for m in chosen for g in m.guards))
+            rc, output = pytest(copy, guards)
+            if rc != 0:
+                print(f"baseline: the guard tests fail without any mutation ({first_failure(output)}); "
+                      f"fix them first", flush=True)
+                print(output[-3000:])
+                return 2
+            print(f"baseline: {len(guards)} guard tests pass unmutated ({time.perf_counter() - start:.0f} s)",
+                  flush=True)
+        caught = 0
+        for m in chosen:
+            t0 = time.perf_counter()
+            ok, verdict = run_one(copy, m)
+            caught += ok
+            print(f"{m.name:{width}s}  {verdict} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(f"total time {time.perf_counter() - start:.0f} s")
+    print(f"mutations: {caught} caught of {len(chosen)}")
+    return 0 if caught >= FLOOR * len(chosen) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -151,6 +151,16 @@ def nearest_code(flat: Tensor, codebook: Tensor, max_chunk_elements: int = 1 << 
     return indices
 
 
+def code_counts(indices: Tensor, num_codes: int) -> Tensor:
+    """How often each of the K codes occurs in `indices`: (N,) int64 -> (K,) float32.
+
+    torch.bincount's output size depends on the largest index, so it waits for the device and breaks a compiled
+    graph; adding ones into a fixed (K,) vector does neither (exact up to 2^24 vectors, deterministic on CUDA
+    under torch.use_deterministic_algorithms)."""
+    counts = torch.zeros(num_codes, dtype=torch.float32, device=indices.device)
+    return counts.index_add_(0, indices.reshape(-1), torch.ones(indices.numel(), device=indices.device))
+
+
 def perplexity_from_counts(counts: Tensor) -> Tensor:
     """exp(-sum_k p_k log p_k) of the distribution p = counts / sum(counts); 0 log 0 is taken as 0."""
     p = counts.float() / counts.sum().clamp_min(1)
@@ -298,7 +308,7 @@ class _Quantizer(nn.Module):
         quantized = self._straight_through(flat, codes)                          # (N, code_dim)
         if self.lookup_dim:
             quantized = F.linear(quantized, self.project_out.weight.float(), self.project_out.bias.float())
-        counts = torch.bincount(indices, minlength=self.num_embeddings)
+        counts = code_counts(indices, self.num_embeddings)
         return VQOutput(
             quantized=unflatten_latents(quantized, z.shape),                      # (B, D, H, W)
             loss=loss,
@@ -374,7 +384,7 @@ class VectorQuantizer(_Quantizer):
             out = self._output(z, flat, indices, codes, codebook_loss, commitment_loss, loss)
             if self.training:
                 with torch.no_grad():
-                    counts = torch.bincount(indices, minlength=self.num_embeddings).float()
+                    counts = code_counts(indices, self.num_embeddings)
                     if _distributed():
                         dist.all_reduce(counts)
                     self.usage.mul_(self.usage_decay).add_(counts, alpha=1.0 - self.usage_decay)
@@ -450,7 +460,7 @@ class VectorQuantizerEMA(_Quantizer):
 
     @torch.no_grad()
     def _ema_update(self, flat: Tensor, indices: Tensor) -> None:
-        counts = torch.bincount(indices, minlength=self.num_embeddings).to(flat.dtype)   # (K,)   n_i
+        counts = code_counts(indices, self.num_embeddings).to(flat.dtype)                # (K,)   n_i
         sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, flat)             # (K, D) sum_j z_{i,j}
         if _distributed():
             dist.all_reduce(counts)
@@ -544,7 +554,7 @@ class FSQ(nn.Module):
             quantized = F.linear(rounded, self.project_out.weight.float(), self.project_out.bias.float())
             zero = rounded.new_zeros(())
             return VQOutput(unflatten_latents(quantized, z.shape), zero, indices.view(z.shape[0], *z.shape[2:]),
-                            perplexity_from_counts(torch.bincount(indices, minlength=self.num_embeddings)), zero,
+                            perplexity_from_counts(code_counts(indices, self.num_embeddings)), zero,
                             zero)
 
 

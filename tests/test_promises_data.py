@@ -1,5 +1,6 @@
 """README's promises about the data ("Your own images"), each against an independent reference: fixture images whose
 every pixel is known, NumPy, PIL's own decoder, and a second Python process."""
+import inspect
 import json
 import os
 import subprocess
@@ -57,6 +58,23 @@ def test_the_sample_variance_is_that_of_its_training_photos():
     held_out = np.concatenate([p.numpy().ravel() for p in data.val.photos]) / 255.0
     assert abs(np.var(held_out) - np.var(pixels)) > 0.01 * np.var(pixels)
     assert data.variance == pytest.approx(np.var(pixels), rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# "Datasets that fit in 1 GiB at the chosen size are decoded once into memory; larger ones are decoded by DataLoader
+# workers"
+
+
+def test_what_fits_the_cache_limit_is_decoded_into_memory(tmp_path):
+    """At 512x512 an image takes 3 * 512 * 512 bytes = 0.75 MiB: with a limit of 1 MiB a split of one image is
+    decoded into memory, a split of two is not. The default limit is 1 GiB (1024 MiB)."""
+    rng = np.random.default_rng(1)
+    for name in ("train/a.png", "train/b.png", "val/c.png"):
+        save_array(tmp_path / name, rng.integers(0, 256, (512, 512, 3)))
+    data = build_data(str(tmp_path), 512, cache_limit_mb=1, num_workers=0)
+    assert isinstance(data.train, image_data.DecodedImages) and len(data.train) == 2
+    assert isinstance(data.val, image_data.CachedImages) and len(data.val) == 1
+    assert inspect.signature(build_data).parameters["cache_limit_mb"].default == 1024
 
 
 # ---------------------------------------------------------------------------------------------------------------

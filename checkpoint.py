@@ -34,6 +34,7 @@ class Config:
     download: bool = False          # download food101 / cifar10 into --data-root if they are missing
     image_size: int = 64            # images are resized and centre-cropped to this square size (multiple of 4)
     val_fraction: float = 0.1       # share of a plain folder's images held out for validation
+    prepared_dir: str = ""          # where images are kept once decoded (empty: <data-root>/prepared)
     # model (section 4.1 and appendix A.1 of the paper)
     hidden_channels: int = 128      # width of the encoder and decoder convolutions
     residual_channels: int = 32     # width inside each residual block
@@ -60,6 +61,7 @@ class Config:
     compile: bool = False           # torch.compile the model (slow first step, faster after)
     deterministic: bool = False     # deterministic algorithms only: a resumed CUDA run ends bit-identical (slower)
     num_workers: int = -1           # DataLoader workers for large datasets (-1: one per core, up to 8)
+    device_data: float = 0.25       # on CUDA: keep the training split on the GPU if it fits this share of free memory
     # run folder and logging
     out: str = "runs/sample"        # run folder: config.json, metrics.jsonl, checkpoint.pt, reconstructions.png
     resume: bool = False            # continue from the checkpoint in --out (starts fresh if there is none)
@@ -106,6 +108,8 @@ def check_config(c: Config) -> None:
         raise ConfigError(f"--decay must be in [0, 1), got {c.decay}")
     if c.amp not in ("auto", "bf16", "off"):
         raise ConfigError(f"--amp must be auto, bf16 or off, got {c.amp!r}")
+    if not 0 <= c.device_data <= 1:
+        raise ConfigError(f"--device-data must be a share of free GPU memory between 0 and 1, got {c.device_data}")
     if c.image_size < 4 or c.image_size % 4:
         raise ConfigError(f"--image-size must be a positive multiple of 4 (the encoder downsamples by 4), "
                           f"got {c.image_size}")

@@ -93,7 +93,7 @@ def report(args: argparse.Namespace) -> int:
                                 [str(p) for p in paths], augment=False)
     else:
         splits = build_data(data, config.image_size, config.data_root, download=False,
-                            val_fraction=config.val_fraction)
+                            val_fraction=config.val_fraction, prepared_dir=config.prepared_dir)
         dataset = {"val": [splits.val], "train": [splits.train], "all": [splits.train, splits.val]}[split]
         # plain integer keys carry no augmentation seed, so training images come unflipped and uncropped
         dataset = torch.utils.data.ConcatDataset(dataset) if len(dataset) > 1 else dataset[0]

@@ -136,7 +136,7 @@ def decoder_term(vqvae, vq_config, data: str, val_codes: Tensor, device: torch.d
     """The decoder's NLL -ln p(x | z) in nats per validation image of `data`, with sigma fitted on its training
     images."""
     splits = build_data(data, vq_config.image_size, vq_config.data_root, download=False,
-                        val_fraction=vq_config.val_fraction)
+                        val_fraction=vq_config.val_fraction, prepared_dir=vq_config.prepared_dir)
     # fit sigma on (an evenly spaced subset of) the training split, un-augmented
     step = max(1, len(splits.train) // max_fit_images)
     subset = torch.utils.data.Subset(splits.train, range(0, len(splits.train), step))

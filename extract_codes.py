@@ -92,7 +92,7 @@ def extract_codes(checkpoint: str | Path, out: str | Path | None = None, passes:
     model, config, ckpt = load_checkpoint(checkpoint, dev)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     splits = build_data(data or config.data, config.image_size, config.data_root, download=False,
-                        val_fraction=config.val_fraction)
+                        val_fraction=config.val_fraction, prepared_dir=config.prepared_dir)
     workers = default_workers()
     n = len(splits.train)
     train_codes, train_labels = [], []

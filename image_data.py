@@ -24,17 +24,18 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from decode import ImageSkippedWarning, load_image, skip_warning, square_array, square_image  # noqa: F401
+from prepared import as_tensor_images, file_stamps, load_or_prepare, prepared_folder
 from runs import DataError   # raised here for every problem with the user's data (a one-line message)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -50,80 +51,10 @@ SAMPLE_VAL = ("astronaut.png", "camera.png", "chelsea.png", "coffee.png")
 SAMPLE_SCALE = 4   # sample photos are kept with their short side at (at most) 4 x image_size; crops are S x S
 
 
-class ImageSkippedWarning(UserWarning):
-    """An image file that could not be decoded was skipped."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Decoding
-
-
 def check_image_size(image_size: int) -> None:
     if image_size < 4 or image_size % 4:
         raise DataError(f"--image-size must be a positive multiple of 4 (the encoder downsamples by 4), "
                         f"got {image_size}")
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB: EXIF rotation applied, transparency (an alpha channel, or a PNG's transparent colour)
-    composited on white, 16-bit images scaled by their bit depth (65535 -> 255), float images read as [0, 1]."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        if img.mode == "F":
-            a = a * 255.0 if a.max() <= 1.0 else a
-        elif img.mode != "I" or a.max() > 255:   # 16-bit data ("I" holds 8-bit values for some files)
-            a = a / 257.0
-        img = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8), mode="L")
-    if "transparency" in img.info and img.mode in ("P", "L", "LA", "RGB"):
-        img = img.convert("RGBA")
-    elif img.mode == "P":
-        img = img.convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
-
-
-def resize_short_side(img: Image.Image, short: int) -> Image.Image:
-    w, h = img.size
-    scale = short / min(w, h)
-    size = (max(short, round(w * scale)), max(short, round(h * scale)))
-    return img.resize(size, Image.BICUBIC, reducing_gap=3.0) if size != (w, h) else img
-
-
-def center_crop(x: Tensor, size: int) -> Tensor:
-    """(3, H, W) -> (3, size, size) from the centre."""
-    top, left = (x.shape[1] - size) // 2, (x.shape[2] - size) // 2
-    return x[:, top:top + size, left:left + size]
-
-
-def pil_to_tensor(img: Image.Image) -> Tensor:
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()   # (H, W, 3) -> (3, H, W)
-
-
-def load_image(path: str | Path, short_side: int) -> Tensor:
-    """Decode an image file to uint8 (3, H, W) RGB with its short side resized to `short_side`.
-
-    Raises OSError (or another PIL error) if the file cannot be decoded."""
-    with Image.open(path) as img:
-        if img.format == "JPEG":                 # let libjpeg decode at a reduced scale when it can
-            w, h = img.size
-            ratio = short_side / min(w, h)
-            img.draft("RGB", (max(1, math.ceil(w * ratio)), max(1, math.ceil(h * ratio))))
-        img.load()
-        return pil_to_tensor(resize_short_side(to_rgb(img), short_side))
-
-
-def square_image(path: str | Path, size: int) -> Tensor:
-    """Decode, resize and centre-crop to uint8 (3, size, size)."""
-    return center_crop(load_image(path, size), size)
-
-
-def skip_warning(path: str | Path, err: BaseException) -> None:
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    warnings.warn(f"skipping {path}: cannot decode it as an image ({reason})", ImageSkippedWarning, stacklevel=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,10 +66,13 @@ def _split_key(key) -> tuple[int, int | None]:
     return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), None)
 
 
+def mirrored(seed: int) -> bool:
+    """Whether the item with this augmentation seed is flipped left-right (a fair coin drawn from the seed)."""
+    return bool(torch.randint(2, (1,), generator=torch.Generator().manual_seed(seed)).item())
+
+
 def flip(x: Tensor, seed: int | None) -> Tensor:
-    if seed is None:
-        return x
-    return x.flip(-1) if torch.randint(2, (1,), generator=torch.Generator().manual_seed(seed)).item() else x
+    return x.flip(-1) if seed is not None and mirrored(seed) else x
 
 
 class CachedImages(Dataset):
@@ -153,6 +87,39 @@ class CachedImages(Dataset):
     def __getitem__(self, key):
         i, seed = _split_key(key)
         return flip(self.images[i], seed if self.augment else None), int(self.labels[i])
+
+
+class MappedImages(Dataset):
+    """A prepared split too large for memory: uint8 (N, S, S, 3) rows of a .npy file read through a memory map that
+    each process (each DataLoader worker) opens for itself; a whole batch is read at once (`__getitems__`)."""
+
+    def __init__(self, path: str | Path, labels: Tensor, augment: bool):
+        self.path, self.labels, self.augment = str(path), labels, augment
+        self._images: np.ndarray | None = None
+
+    def __getstate__(self):   # a worker gets the path, not the parent's map
+        return {**self.__dict__, "_images": None}
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            self._images = np.load(self.path, mmap_mode="r")
+        return self._images
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list) -> list:
+        split = [_split_key(k) for k in keys]
+        index = np.array([i for i, _ in split])
+        order = np.argsort(index)
+        rows = torch.from_numpy(self.images[index[order]])                  # (B, S, S, 3), read in file order
+        rows = rows[torch.from_numpy(np.argsort(order))].permute(0, 3, 1, 2)  # back to the keys' order, (B, 3, S, S)
+        return [(flip(rows[j], seed if self.augment else None), int(self.labels[i]))
+                for j, (i, seed) in enumerate(split)]
 
 
 class DecodedImages(Dataset):
@@ -311,24 +278,6 @@ def folder_labels(paths: list[Path], base: Path, classes: list[str] | None = Non
     return [index.get(t, 0) for t in tops], classes
 
 
-def decode_all(dataset: DecodedImages, num_workers: int, desc: str) -> CachedImages:
-    """Decode every image once into memory, dropping (with a warning) the ones that cannot be decoded."""
-    from tqdm.auto import tqdm
-
-    loader = DataLoader(dataset, batch_size=64, num_workers=num_workers, collate_fn=collate)
-    images, labels = [], []
-    # the bar is updated by hand: tqdm.auto's asyncio class would open a second iterator (and decode twice)
-    with tqdm(total=len(loader), desc=desc, leave=False, disable=len(dataset) < 2000) as bar:
-        for x, y in loader:
-            if len(x):
-                images.append(x)
-                labels.append(y)
-            bar.update(1)
-    if not images:
-        raise DataError(f"none of the {len(dataset)} images for {desc} could be decoded: check the files")
-    return CachedImages(torch.cat(images), torch.cat(labels), dataset.augment)
-
-
 def pixel_variance(dataset: Dataset, max_items: int = 2000) -> float:
     """Variance of all pixel values (scaled to [0, 1]) over the dataset, or an evenly spaced subset of it."""
     if isinstance(dataset, CachedImages):
@@ -342,38 +291,55 @@ def pixel_variance(dataset: Dataset, max_items: int = 2000) -> float:
     return float(x.float().div(255).var())
 
 
-def _cache_or_lazy(dataset: DecodedImages, image_size: int, cache_limit_mb: int, num_workers: int,
-                   desc: str) -> Dataset:
-    if len(dataset) * 3 * image_size**2 <= cache_limit_mb * 2**20:
-        return decode_all(dataset, num_workers, desc)
-    return dataset
+class SquareArrays:
+    """decode(i) for preparing a folder: file i decoded, resized and centre-cropped to (S, S, 3) uint8 (a class,
+    not a closure, so that DataLoader workers started by spawn can receive it)."""
+
+    def __init__(self, paths: Sequence[str | Path], size: int):
+        self.paths, self.size = list(paths), size
+
+    def __call__(self, i: int) -> np.ndarray:
+        return square_array(self.paths[i], self.size)
+
+
+def prepared_split(where: Path, split: str, image_size: int, stamps: list, labels: Sequence[int],
+                   decode: Callable[[int], np.ndarray], names: Sequence[str], augment: bool, cache_limit_mb: int,
+                   num_workers: int, source: str) -> Dataset:
+    """A split read from its prepared array (prepared now if needed): loaded whole into memory when it fits in
+    `cache_limit_mb`, otherwise memory-mapped and read by DataLoader workers."""
+    images, kept = load_or_prepare(where, split, image_size, stamps, labels, decode, names, num_workers, source)
+    kept = torch.from_numpy(np.asarray(kept, dtype=np.int64))
+    if images.nbytes <= cache_limit_mb * 2**20:
+        return CachedImages(as_tensor_images(np.array(images)), kept, augment)
+    return MappedImages(where / f"{split}.npy", kept, augment)
 
 
 def build_data(data: str = "sample", image_size: int = 64, root: str = "data", download: bool = False,
-               val_fraction: float = 0.1, cache_limit_mb: int = 1024, num_workers: int = 2) -> DataSplits:
-    """The train and validation splits of `data` (a folder, or `sample`, `food101`, `cifar10`)."""
+               val_fraction: float = 0.1, cache_limit_mb: int = 1024, num_workers: int = 2,
+               prepared_dir: str = "") -> DataSplits:
+    """The train and validation splits of `data` (a folder, or `sample`, `food101`, `cifar10`). Folders, Food101
+    and CIFAR-10 are prepared once (see prepared.py) under `prepared_dir` (empty: `<root>/prepared`)."""
     check_image_size(image_size)
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     name = str(data).lower()
     if name == "sample":
         return _sample(image_size)
+    prepared_root = Path(prepared_dir).expanduser() if prepared_dir else Path(root).expanduser() / "prepared"
     if name in ("food101", "cifar10"):
-        return _torchvision(name, image_size, root, download, cache_limit_mb, num_workers)
+        return _torchvision(name, image_size, root, download, cache_limit_mb, num_workers, prepared_root)
     folder = Path(data).expanduser()
     train_paths, val_paths, train_base, val_base = split_folder(folder, val_fraction)
     train_labels, classes = folder_labels(train_paths, train_base)
     val_labels, _ = folder_labels(val_paths, val_base, classes)
-
-    def dataset(paths: list[Path], labels: list[int], augment: bool) -> DecodedImages:
-        return DecodedImages(lambda i: square_image(paths[i], image_size), labels, [str(p) for p in paths], augment)
-
-    train = _cache_or_lazy(dataset(train_paths, train_labels, True), image_size, cache_limit_mb, num_workers,
-                           "decoding training images")
-    val = _cache_or_lazy(dataset(val_paths, val_labels, False), image_size, cache_limit_mb, num_workers,
-                         "decoding validation images")
-    return DataSplits(train, val, classes, pixel_variance(train),
-                      f"{folder}: {len(train)} training and {len(val)} validation images")
+    where = prepared_folder(prepared_root, folder.resolve().name, image_size,
+                            f"{folder.resolve()}|val_fraction={val_fraction}")
+    splits = [prepared_split(where, split, image_size, file_stamps(paths, folder), labels,
+                             SquareArrays(paths, image_size), [str(p) for p in paths], split == "train",
+                             cache_limit_mb, num_workers, str(folder))
+              for split, paths, labels in (("train", train_paths, train_labels), ("val", val_paths, val_labels))]
+    return DataSplits(splits[0], splits[1], classes, pixel_variance(splits[0]),
+                      f"{folder}: {len(splits[0])} training and {len(splits[1])} validation images")
 
 
 def sample_photo_paths() -> tuple[list[Path], list[Path]]:
@@ -419,8 +385,23 @@ def sample_unseen_photos(val: PhotoCrops) -> PhotoCrops:
     return PhotoCrops(val.photos[:len(SAMPLE_VAL)], val.size, False)
 
 
+class ResizedArray:
+    """decode(i) for preparing CIFAR-10: row i of its (N, 32, 32, 3) array, resized (bicubic, antialiased) to S."""
+
+    def __init__(self, data: np.ndarray, size: int):
+        self.data, self.size = data, size
+
+    def __call__(self, i: int) -> np.ndarray:
+        if self.data.shape[1] == self.size:
+            return self.data[i]
+        x = torch.from_numpy(self.data[i]).permute(2, 0, 1)[None].float()              # (1, 3, 32, 32)
+        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True,
+                                            align_corners=False)
+        return x.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()      # (S, S, 3)
+
+
 def _torchvision(name: str, image_size: int, root: str, download: bool, cache_limit_mb: int,
-                 num_workers: int) -> DataSplits:
+                 num_workers: int, prepared_root: Path) -> DataSplits:
     import torchvision
 
     root_path = Path(root).expanduser()
@@ -441,34 +422,42 @@ def _torchvision(name: str, image_size: int, root: str, download: bool, cache_li
         except OSError as err:   # network errors while downloading, permissions
             raise DataError(f"could not download or read {pretty} under {root_path}: {err}") from None
 
+    where = prepared_folder(prepared_root, name, image_size, str(root_path.resolve()))
     splits = []
     for train in (True, False):
         ds = make(train)
-        if name == "cifar10":   # already in memory as (N, 32, 32, 3) uint8
-            x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()   # (N, H, W, 3) -> (N, 3, H, W)
-            if image_size != x.shape[-1]:
-                x = torch.nn.functional.interpolate(x.float(), size=(image_size, image_size), mode="bicubic",
-                                                    antialias=True, align_corners=False)
-                x = x.round().clamp(0, 255).to(torch.uint8)
-            splits.append(CachedImages(x, torch.tensor(ds.targets), augment=train))
+        split = "train" if train else "val"
+        if name == "cifar10":   # already in memory as (N, 32, 32, 3) uint8; the key stamps its batch files
+            base = root_path / ds.base_folder
+            files = [base / f for f, _ in (ds.train_list if train else ds.test_list)]
+            names = [f"{pretty} {split} image {i}" for i in range(len(ds.data))]
+            splits.append(prepared_split(where, split, image_size, file_stamps(files, root_path), ds.targets,
+                                         ResizedArray(ds.data, image_size), names, train, cache_limit_mb,
+                                         num_workers, pretty))
         else:
-            files, labels = [str(f) for f in ds._image_files], list(ds._labels)
-            lazy = DecodedImages(lambda i, files=files: square_image(files[i], image_size), labels, files, train)
-            splits.append(_cache_or_lazy(lazy, image_size, cache_limit_mb, num_workers,
-                                         f"decoding {pretty} {'train' if train else 'test'}"))
+            files = [Path(f) for f in ds._image_files]
+            splits.append(prepared_split(where, split, image_size, file_stamps(files, root_path), list(ds._labels),
+                                         SquareArrays(files, image_size), [str(f) for f in files], train,
+                                         cache_limit_mb, num_workers, pretty))
     classes = list(getattr(make(False), "classes", []))
     return DataSplits(splits[0], splits[1], classes, pixel_variance(splits[0]),
                       f"{pretty}: {len(splits[0])} training and {len(splits[1])} validation images")
 
 
+PREFETCH_FACTOR = 4   # batches each DataLoader worker reads ahead
+
+
 def batches(dataset: Dataset, batch_size: int, seed: int, start_step: int = 0, num_workers: int = 0,
             pin_memory: bool = False, num_replicas: int = 1, rank: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-    """Endless training batches (uint8 (B, 3, S, S), labels (B,)), starting at `start_step`."""
+    """Endless training batches (uint8 (B, 3, S, S), labels (B,)), starting at `start_step`. Data in memory is
+    batched in this process; a memory-mapped or decoded-on-access split by `num_workers` persistent workers, each
+    reading PREFETCH_FACTOR batches ahead, into pinned memory when `pin_memory`."""
     sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, num_replicas, rank)
     workers = 0 if isinstance(dataset, (CachedImages, PhotoCrops)) else num_workers
     # the loader's own generator: creating its iterator must not draw from the global RNG (exact resume)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                         pin_memory=pin_memory, persistent_workers=workers > 0,
+                        prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
                         generator=torch.Generator().manual_seed(seed))
     return iter(loader)
 
@@ -477,7 +466,8 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, pin_mem
     """The whole split once, in order, without augmentation."""
     workers = 0 if isinstance(dataset, (CachedImages, PhotoCrops)) else num_workers
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
+                      pin_memory=pin_memory, prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
+                      generator=torch.Generator().manual_seed(0))
 
 
 def default_workers() -> int:

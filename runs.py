@@ -267,7 +267,13 @@ class MetricsLog:
         if not enabled:
             return
         if tensorboard:   # first, so that a missing package stops the run before any file is touched
-            self.writer = tensorboard_writer(out, purge_step=start_step + 1 if resumed else None)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard (it is in "
+                                  "the Pipfile), or drop --tensorboard") from None
+            # a resumed run drops the events an earlier attempt logged after its checkpoint's step
+            self.writer = SummaryWriter(log_dir=str(out), purge_step=start_step + 1 if resumed else None)
         if resumed:
             self.history = trim_metrics(self.path, start_step)
         else:
@@ -298,17 +304,6 @@ class MetricsLog:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-
-
-def tensorboard_writer(folder: Path, purge_step: int | None = None):
-    """torch.utils.tensorboard's SummaryWriter on `folder`; one clear line if the tensorboard package is missing.
-    `purge_step` drops events from an earlier attempt at or after that step (a run resumed from a checkpoint)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard (it is in the "
-                          "Pipfile), or drop --tensorboard") from None
-    return SummaryWriter(log_dir=str(folder), purge_step=purge_step)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -479,31 +474,25 @@ def quiet_warnings() -> None:
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
 
-def run_cli(fn: Callable[[], int]) -> int:
-    """Run a script's body: an error a user can cause becomes one `error: ...` line on stderr and exit status 2."""
+def run_cli(fn: Callable[[], int], out: str | Path | None = None) -> int:
+    """Run a script's body for a command line: an error a user can cause becomes one `error: ...` line on stderr
+    and exit status 2; in training (`out`: the run folder), a non-finite loss 1 (the last good checkpoint is
+    kept) and an interruption 130."""
     quiet_warnings()
     try:
         return fn()
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-
-def run_training_cli(fn: Callable, config, summary: Callable[[object], str]) -> int:
-    """Run a training function for a command line: errors a user can cause become one line and exit status 2, a
-    non-finite loss 1 (its last good checkpoint kept), an interruption 130; success prints `summary(result)`."""
-    quiet_warnings()
-    try:
-        result = fn(config)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except FloatingPointError as err:
-        print(f"error: {err}; the last good checkpoint is kept in {config.out}. Try a lower --lr.", file=sys.stderr)
+        print(f"error: {err}; the last good checkpoint is kept in {out}. Try a lower --lr.", file=sys.stderr)
         return 1
     except Interrupted as err:
         if str(err):
             print(f"\n{err}", file=sys.stderr)
         return 130
-    print(summary(result))
-    return 0
+
+
+def run_training_cli(fn: Callable, config, summary: Callable[[object], str]) -> int:
+    """`run_cli` for a training function `fn(config)`; success prints `summary(result)`."""
+    return run_cli(lambda: print(summary(fn(config))) or 0, config.out)

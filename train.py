@@ -41,6 +41,7 @@ from torch.utils.data import Subset
 from checkpoint import (Config, build_model, check_config, check_resume_matches, config_from_dict, read_checkpoint,
                         save_checkpoint)
 from evaluate import evaluate
+from device_data import device_batches, split_bytes
 from image_data import DataSplits, batches, build_data, default_workers, eval_loader
 from models import VQVAE
 from runs import (TENSORBOARD_FILES, Interrupted, MetricsLog, Processes, StopOnSignal, amp_dtype_for, autocast,
@@ -90,6 +91,14 @@ def prepare_out(c: Config, main: bool = True) -> tuple[Path, dict | None]:
                            ("checkpoint.pt", "metrics.jsonl", "reconstructions.png", TENSORBOARD_FILES), main)
 
 
+def keep_on_device(split, device: torch.device, share: float) -> bool:
+    """Whether the training split goes to the GPU once: on CUDA, when its images take at most `share` of the
+    device's free memory."""
+    size = split_bytes(split)
+    return device.type == "cuda" and share > 0 and size is not None and \
+        size <= share * torch.cuda.mem_get_info(device)[0]
+
+
 def say_if_processes_changed(ckpt: dict, c: Config, procs: Processes, out: Path) -> None:
     """One line when a run resumes with another number of processes than wrote its checkpoint: `--batch-size`
     is per process, so the global batch, and with it the order of the data, changes from here on."""
@@ -130,7 +139,7 @@ def _train(c: Config, procs: Processes, device: torch.device, callback: Callable
 
     workers = default_workers() if c.num_workers < 0 else c.num_workers
     data: DataSplits = build_data(c.data, c.image_size, c.data_root, c.download, c.val_fraction,
-                                  num_workers=workers)
+                                  num_workers=workers, prepared_dir=c.prepared_dir)
     model = build_model(c).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -152,7 +161,12 @@ def _train(c: Config, procs: Processes, device: torch.device, callback: Callable
     forward = torch.compile(wrapped) if c.compile else wrapped
     ctx = autocast(device, amp_dtype)
     pin = device.type == "cuda"
-    train_batches = batches(data.train, c.batch_size, c.seed, start_step, workers, pin, procs.world, procs.rank)
+    if keep_on_device(data.train, device, c.device_data):   # drawn and flipped on the GPU, from (seed, step)
+        train_batches = device_batches(data.train, device, c.batch_size, c.seed, start_step, procs.world,
+                                       procs.rank)
+    else:
+        train_batches = batches(data.train, c.batch_size, c.seed, start_step, workers, pin, procs.world,
+                                procs.rank)
     val_share = data.val if procs.world == 1 else Subset(data.val, range(procs.rank, len(data.val), procs.world))
     val_loader = eval_loader(val_share, max(c.batch_size, 64), workers, pin)
     preview = next(iter(eval_loader(data.val, 8)))[0]

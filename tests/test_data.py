@@ -221,56 +221,72 @@ def test_training_survives_broken_files(folder_with_broken, tmp_path):
     assert np.isfinite(result.history[-1]["loss"])
 
 
-def test_lazy_path_returns_none_for_broken_and_collate_drops_it(folder_with_broken):
+def test_a_large_split_is_memory_mapped_and_holds_only_the_images_that_decode(folder_with_broken):
+    """Past the cache limit a prepared split is read through a memory map (by DataLoader workers); the files that
+    could not be decoded were skipped, each named once, when the split was prepared."""
     root, good, broken = folder_with_broken
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
+    with pytest.warns(ImageSkippedWarning) as records:
         data = build_data(str(root), image_size=16, cache_limit_mb=0, num_workers=0)
-    assert isinstance(data.train, DecodedImages) and isinstance(data.val, DecodedImages)
-    assert len(data.train) + len(data.val) == len(good) + len(broken)   # nothing decoded yet: all listed
-    for ds in (data.train, data.val):
-        for i, name in enumerate(ds.names):
-            if Path(name) in broken:
-                with pytest.warns(ImageSkippedWarning, match="skipping") as records:
-                    assert ds[i] is None
-                    assert ds[(i, 12345)] is None
-                assert name in skipped_paths(records)
-            else:
-                x, label = ds[i]
-                assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and label == 0
-    ds = data.train if any(Path(n) in broken for n in data.train.names) else data.val
-    bad = next(i for i, n in enumerate(ds.names) if Path(n) in broken)
-    good_items = [ds[i] for i, n in enumerate(ds.names) if Path(n) not in broken]
-    with pytest.warns(ImageSkippedWarning):
-        batch = [good_items[0], ds[bad]] + good_items[1:]
-    images, labels = image_data.collate(batch)
-    assert images.shape == (len(good_items), 3, 16, 16) and labels.shape == (len(good_items),)
-    assert torch.equal(images[0], good_items[0][0])
+    assert sorted(str(p) for p in broken) == sorted(str(w.message).split()[1].rstrip(":") for w in records
+                                                    if issubclass(w.category, ImageSkippedWarning))
+    assert isinstance(data.train, image_data.MappedImages) and isinstance(data.val, image_data.MappedImages)
+    assert len(data.train) + len(data.val) == len(good)
+    expected = [image_data.square_image(p, 16) for p in good]
+    items = all_items(data.train) + all_items(data.val)
+    for x, label in items:
+        assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and label == 0
+        assert sum(torch.equal(x, e) for e in expected) >= 1
+    # two worker processes, each with its own map, read the same images in the same order
+    with_workers = torch.cat([x for x, _ in image_data.eval_loader(data.train, 2, num_workers=2)])
+    assert torch.equal(with_workers, torch.stack([x for x, _ in all_items(data.train)]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # a second build reads the prepared arrays: no warning again
+        again = build_data(str(root), image_size=16, cache_limit_mb=0, num_workers=0)
+    assert len(again.train) == len(data.train)
+
+
+def test_an_image_decoded_on_access_that_fails_is_none_and_collate_drops_it(folder_with_broken):
+    root, good, broken = folder_with_broken
+    paths = good[:2] + broken[:1]
+    ds = DecodedImages(lambda i: image_data.square_image(paths[i], 16), [0] * 3, [str(p) for p in paths], False)
+    with pytest.warns(ImageSkippedWarning, match="skipping") as records:
+        assert ds[2] is None and ds[(2, 12345)] is None
+    assert str(paths[2]) in skipped_paths(records)
+    images, labels = image_data.collate([ds[0], None, ds[1]])
+    assert images.shape == (2, 3, 16, 16) and labels.shape == (2,)
+    assert torch.equal(images[0], ds[0][0])
     empty_images, empty_labels = image_data.collate([None, None])
     assert len(empty_images) == 0 and len(empty_labels) == 0
 
 
-class LoggedLoad:
-    """A picklable load(i) that appends i to a file, so decodes in DataLoader worker processes are counted."""
+class LoggedDecode:
+    """A picklable decode(i) that appends i to a file, so decodes in DataLoader worker processes are counted."""
 
     def __init__(self, log: Path):
         self.log = log
 
-    def __call__(self, i: int) -> torch.Tensor:
+    def __call__(self, i: int) -> np.ndarray:
         with open(self.log, "a") as f:
             f.write(f"{i}\n")
-        return torch.full((3, 4, 4), i, dtype=torch.uint8)
+        return np.full((4, 4, 3), i, dtype=np.uint8)
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_decode_all_decodes_each_image_once(tmp_path, workers):
-    """Caching a folder decodes every file exactly once, with or without DataLoader workers (a second decode
-    doubles the start-up time of every run and repeats each skipped-file warning)."""
-    log = tmp_path / "loads.txt"
-    ds = DecodedImages(LoggedLoad(log), labels=[0] * 5, names=[f"f{i}" for i in range(5)], augment=False)
-    cached = image_data.decode_all(ds, num_workers=workers, desc="test")
-    assert torch.equal(cached.images[:, 0, 0, 0], torch.arange(5, dtype=torch.uint8))
+def test_preparing_decodes_each_image_once_and_a_second_run_not_at_all(tmp_path, workers):
+    """Preparing decodes every file exactly once, with or without DataLoader workers; the next run reads the
+    prepared array and decodes nothing."""
+    import prepared
+
+    log = tmp_path / "decodes.txt"
+    stamps = [[f"f{i}", 1, 1] for i in range(5)]
+    args = (tmp_path / "prepared", "train", 4, stamps, [7] * 5, LoggedDecode(log), [f"f{i}" for i in range(5)],
+            workers, "test")
+    images, labels = prepared.load_or_prepare(*args)
+    assert images.shape == (5, 4, 4, 3) and list(images[:, 0, 0, 0]) == list(range(5)) and list(labels) == [7] * 5
     assert sorted(int(line) for line in log.read_text().split()) == list(range(5))
+    images, _ = prepared.load_or_prepare(*args)
+    assert list(images[:, 0, 0, 0]) == list(range(5))
+    assert len(log.read_text().split()) == 5
 
 
 def test_folder_where_nothing_decodes_raises_data_error(tmp_path):

@@ -72,7 +72,7 @@ def test_what_fits_the_cache_limit_is_decoded_into_memory(tmp_path):
     for name in ("train/a.png", "train/b.png", "val/c.png"):
         save_array(tmp_path / name, rng.integers(0, 256, (512, 512, 3)))
     data = build_data(str(tmp_path), 512, cache_limit_mb=1, num_workers=0)
-    assert isinstance(data.train, image_data.DecodedImages) and len(data.train) == 2
+    assert isinstance(data.train, image_data.MappedImages) and len(data.train) == 2
     assert isinstance(data.val, image_data.CachedImages) and len(data.val) == 1
     assert inspect.signature(build_data).parameters["cache_limit_mb"].default == 1024
 

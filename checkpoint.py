@@ -22,6 +22,9 @@ from runs import (CheckpointError, ConfigError, atomic_save, load_plain, require
                   training_state)
 
 CHECKPOINT_FORMAT = "vqvae-checkpoint-v1"
+# torch.compile's modes; reduce-overhead captures the step in CUDA graphs, for small batches whose kernels take less
+# time to run than to launch
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Config:
     device: str = "auto"            # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     amp: str = "auto"               # bf16 autocast: auto (where native), bf16, or off (float32; CUDA convs: TF32)
     compile: bool = False           # torch.compile the model (slow first step, faster after)
+    compile_mode: str = "default"   # with --compile: default, reduce-overhead (CUDA graphs) or max-autotune
     deterministic: bool = False     # deterministic algorithms only: a resumed CUDA run ends bit-identical (slower)
     num_workers: int = -1           # DataLoader workers for large datasets (-1: one per core, up to 8)
     device_data: float = 0.25       # on CUDA: keep the training split on the GPU if it fits this share of free memory
@@ -108,6 +112,8 @@ def check_config(c: Config) -> None:
         raise ConfigError(f"--decay must be in [0, 1), got {c.decay}")
     if c.amp not in ("auto", "bf16", "off"):
         raise ConfigError(f"--amp must be auto, bf16 or off, got {c.amp!r}")
+    if c.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"--compile-mode must be {', '.join(COMPILE_MODES)}, got {c.compile_mode!r}")
     if not 0 <= c.device_data <= 1:
         raise ConfigError(f"--device-data must be a share of free GPU memory between 0 and 1, got {c.device_data}")
     if c.image_size < 4 or c.image_size % 4:

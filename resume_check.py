@@ -52,18 +52,19 @@ def adam_step_by_hand(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: 
 
 
 def resume_step_error(config: Config, amp_before: str, amp_after: str, steps_before: int = 2,
-                      layout_fix: bool = True) -> float:
+                      layout_fix: bool = True, device_after: str | None = None) -> float:
     """Train `steps_before` steps with --amp amp_before, resume for one step with amp_after, and return the
     largest deviation of that step from Adam's formulas applied to the checkpoint's moments, in units of the step
     (element by element, against max(|step|, lr / 1000), beyond two float32 units in the last place of the
-    weight). `layout_fix=False` resumes with torch's optimizer.load_state_dict alone, for comparison."""
+    weight). `layout_fix=False` resumes with torch's optimizer.load_state_dict alone, for comparison;
+    `device_after` resumes on another device (a CUDA checkpoint on the CPU, or the reverse)."""
     import train as train_module
 
     with tempfile.TemporaryDirectory() as folder:
         c = replace(config, out=folder, amp=amp_before, steps=steps_before, eval_every=steps_before,
                     progress=False)
         train_module.train(c)
-        saved = torch.load(Path(folder) / "checkpoint.pt", weights_only=True)
+        saved = torch.load(Path(folder) / "checkpoint.pt", map_location="cpu", weights_only=True)
         RecordingAdam.log = []
         patched = {"make_optimizer": lambda params, lr, device: RecordingAdam(params, lr=lr, fused=True)}
         if not layout_fix:
@@ -73,7 +74,8 @@ def resume_step_error(config: Config, amp_before: str, amp_after: str, steps_bef
         try:
             for name, fn in patched.items():
                 setattr(train_module, name, fn)
-            train_module.train(replace(c, amp=amp_after, steps=steps_before + 1, resume=True))
+            train_module.train(replace(c, amp=amp_after, steps=steps_before + 1, resume=True,
+                                       device=device_after or c.device))
         finally:
             for name, fn in originals.items():
                 setattr(train_module, name, fn)
@@ -82,6 +84,7 @@ def resume_step_error(config: Config, amp_before: str, amp_after: str, steps_bef
     assert len(records) == len(state), "every parameter has Adam state after the first steps"
     worst = 0.0
     for i, (before, grad, after) in enumerate(records):
+        before, grad, after = before.cpu(), grad.cpu(), after.cpu()
         expected, update = adam_step_by_hand(before, grad, state[i]["exp_avg"], state[i]["exp_avg_sq"],
                                              float(state[i]["step"]), config.lr)
         rounding = 2 * before.double().abs() * torch.finfo(torch.float32).eps

@@ -24,6 +24,7 @@ reconstruction term independent of the data's contrast, so beta keeps its meanin
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -118,6 +119,8 @@ def train(config: Config, callback: Callable[[dict], None] | None = None) -> Tra
     rank 0 shows progress and writes files."""
     c = config
     check_config(c)
+    if c.deterministic:   # cuBLAS reads this when CUDA starts in this process, so before anything touches CUDA
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     procs, ddp_device = init_processes(c.device)
     try:
         device = ddp_device or pick_device(c.device)
@@ -158,7 +161,7 @@ def _train(c: Config, procs: Processes, device: torch.device, callback: Callable
     if procs.world > 1:   # the quantizer keeps its own buffers in step, so DDP need not broadcast them
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                           forward_sync_buffers=False)
-    forward = torch.compile(wrapped) if c.compile else wrapped
+    forward = torch.compile(wrapped, mode=c.compile_mode) if c.compile else wrapped
     ctx = autocast(device, amp_dtype)
     pin = device.type == "cuda"
     if keep_on_device(data.train, device, c.device_data):   # drawn and flipped on the GPU, from (seed, step)

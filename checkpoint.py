@@ -12,6 +12,7 @@ evaluate_prior.py, the notebook) without the training loop (train.py):
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,6 +43,9 @@ class Config:
     hidden_channels: int = 128      # width of the encoder and decoder convolutions
     residual_channels: int = 32     # width inside each residual block
     num_residual_blocks: int = 2    # residual blocks in the encoder and in the decoder
+    block: str = "paper"            # residual blocks: paper (ReLU, 3x3, ReLU, 1x1) or modern (VQGAN's GroupNorm + SiLU)
+    attention: bool = False         # one self-attention block at the lowest resolution of encoder and decoder
+    downsample: int = 4             # the encoder's downsampling factor: 4 (the paper) or 8 (for 128-256 px images)
     embedding_dim: int = 64         # D, dimension of each code
     num_embeddings: int = 512       # K, number of codes
     beta: float = 0.25              # commitment weight, beta in eq. 3
@@ -57,6 +61,8 @@ class Config:
     steps: int = 1000               # optimizer steps in total (a resumed run continues up to this number)
     batch_size: int = 32            # images per step
     lr: float = 2e-4                # Adam learning rate (the paper's 2e-4)
+    lr_schedule: str = "constant"   # constant (the paper) or cosine (decays to 0 at --steps)
+    warmup_steps: int = 0           # steps of linear warm-up from 0 to --lr
     seed: int = 0                   # seeds the weights and the order and augmentation of batches
     # hardware
     device: str = "auto"            # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
@@ -77,7 +83,8 @@ class Config:
     tensorboard: bool = False       # also write TensorBoard event files into --out (tensorboard --logdir runs)
 
 
-MODEL_FIELDS = ("hidden_channels", "residual_channels", "num_residual_blocks", "embedding_dim",
+MODEL_FIELDS = ("hidden_channels", "residual_channels", "num_residual_blocks", "block", "attention", "downsample",
+                "embedding_dim",
                 "num_embeddings", "beta", "quantizer", "decay", "kmeans_init", "restart_threshold", "cosine",
                 "lookup_dim", "rotation_trick", "fsq_levels")
 
@@ -116,10 +123,29 @@ def check_config(c: Config) -> None:
         raise ConfigError(f"--compile-mode must be {', '.join(COMPILE_MODES)}, got {c.compile_mode!r}")
     if not 0 <= c.device_data <= 1:
         raise ConfigError(f"--device-data must be a share of free GPU memory between 0 and 1, got {c.device_data}")
-    if c.image_size < 4 or c.image_size % 4:
-        raise ConfigError(f"--image-size must be a positive multiple of 4 (the encoder downsamples by 4), "
-                          f"got {c.image_size}")
+    if c.block not in ("paper", "modern"):
+        raise ConfigError(f"--block must be paper or modern, got {c.block!r}")
+    if c.downsample not in (4, 8):
+        raise ConfigError(f"--downsample must be 4 or 8, got {c.downsample}")
+    if c.lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"--lr-schedule must be constant or cosine, got {c.lr_schedule!r}")
+    require_at_least("warmup-steps", c.warmup_steps, 0)
+    if c.image_size < c.downsample or c.image_size % c.downsample:
+        raise ConfigError(f"--image-size must be a positive multiple of {c.downsample} (the encoder downsamples "
+                          f"by {c.downsample}), got {c.image_size}")
 
+
+
+def learning_rate(c: Config, step: int) -> float:
+    """The learning rate of optimizer step `step` (0-based): a linear warm-up over --warmup-steps, then --lr, or
+    with --lr-schedule cosine a half cosine from --lr down to 0 at --steps (SGDR, arXiv 1608.03983, without
+    restarts). A function of the step alone, so a resumed run continues the schedule exactly."""
+    if step < c.warmup_steps:
+        return c.lr * (step + 1) / c.warmup_steps
+    if c.lr_schedule == "constant":
+        return c.lr
+    progress = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
+    return c.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def model_args(c: Config) -> dict:

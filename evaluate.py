@@ -8,6 +8,8 @@ validation split). The last line printed is one JSON object:
 
 - mse: mean squared error over all pixels of all images, with images and (clamped) reconstructions in [0, 1];
 - psnr: 10 * log10(1 / mse) from that pooled mse (not a mean of per-image PSNRs);
+- ssim: the mean over images of each image's SSIM against its reconstruction (an 11-pixel Gaussian window with
+  sigma 1.5, data range 1, averaged over the three channels; `ssim_per_image`);
 - codebook_usage: the fraction of the K codes chosen at least once over the whole set;
 - perplexity: exp(entropy) of the code-usage distribution over the whole set (1 = one code, K = all equally);
 - num_images.
@@ -21,6 +23,8 @@ import sys
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from checkpoint import load_checkpoint
@@ -28,6 +32,40 @@ from image_data import CachedImages, DecodedImages, build_data, eval_loader, fin
 from models import VQVAE, perplexity_from_counts
 from runs import (DataError, amp_dtype_for, autocast, pick_device, require_at_least, run_cli, script_parser,
                   use_channels_last)
+
+
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5   # a Gaussian window of 11 pixels with sigma 1.5 (Wang et al. 2004)
+
+
+def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> Tensor:
+    """(size,) normalised Gaussian weights, the 1-d factor of SSIM's separable window."""
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    w = torch.exp(-x**2 / (2 * sigma**2))
+    return w / w.sum()
+
+
+def ssim_per_image(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
+    """SSIM (Wang, Bovik, Sheikh, Simoncelli 2004, eq. 13) of each image pair: (B, C, H, W) in [0, data_range]
+    -> (B,). Local means, variances and covariance are Gaussian-weighted (SSIM_WINDOW pixels, sigma SSIM_SIGMA)
+    over the positions where the whole window fits, with population (not sample) covariances, K1 = 0.01,
+    K2 = 0.03; the map is averaged over positions and channels. This is skimage's structural_similarity with
+    gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1, channel_axis set."""
+    c = x.shape[1]
+    w = gaussian_window().to(x.device, torch.float32)
+    kernel_h = w.view(1, 1, 1, -1).expand(c, 1, 1, -1)
+    kernel_v = w.view(1, 1, -1, 1).expand(c, 1, -1, 1)
+
+    def blur(t: Tensor) -> Tensor:   # (B, C, H, W) -> (B, C, H - 10, W - 10), the separable valid convolution
+        return F.conv2d(F.conv2d(t, kernel_h, groups=c), kernel_v, groups=c)
+
+    x, y = x.float(), y.float()
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.mean(dim=(1, 2, 3))
 
 
 @torch.no_grad()
@@ -41,6 +79,7 @@ def evaluate(model: VQVAE, loader: DataLoader, device: torch.device, amp_dtype: 
     squared_error = torch.zeros((), dtype=torch.float64, device=device)
     counts = torch.zeros(model.quantizer.num_embeddings, dtype=torch.float64, device=device)
     num = torch.zeros(2, dtype=torch.float64, device=device)   # images, pixel values
+    ssim_sum = torch.zeros((), dtype=torch.float64, device=device)
     ctx = autocast(device, amp_dtype)
     for images, _ in loader:
         if not len(images):
@@ -52,16 +91,18 @@ def evaluate(model: VQVAE, loader: DataLoader, device: torch.device, amp_dtype: 
             out = model(x - 0.5)
         reconstruction = (out.reconstruction.float() + 0.5).clamp_(0, 1)
         squared_error += (reconstruction - x).double().pow(2).sum()
+        ssim_sum += ssim_per_image(reconstruction, x).double().sum()
         counts += torch.bincount(out.vq.indices.flatten(), minlength=len(counts)).double()
         num += torch.tensor([x.shape[0], x.numel()], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
-        for t in (squared_error, counts, num):
+        for t in (squared_error, counts, num, ssim_sum):
             dist.all_reduce(t)
     model.train(was_training)
     mse = (squared_error / num[1].clamp_min(1)).item()
     return {
         "mse": mse,
         "psnr": 10 * math.log10(1 / mse) if mse > 0 else float("inf"),
+        "ssim": (ssim_sum / num[0].clamp_min(1)).item(),
         "codebook_usage": (counts > 0).double().mean().item(),
         "perplexity": perplexity_from_counts(counts).item(),
         "num_images": int(num[0].item()),

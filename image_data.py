@@ -385,6 +385,15 @@ def sample_unseen_photos(val: PhotoCrops) -> PhotoCrops:
     return PhotoCrops(val.photos[:len(SAMPLE_VAL)], val.size, False)
 
 
+def sample_validation_parts(val: Dataset) -> dict[str, PhotoCrops]:
+    """The sample's validation split in its two parts, {"unseen": the 4 unseen photos, "strips": the held-out
+    strips of the training photos}; empty for any other data."""
+    if not isinstance(val, PhotoCrops) or len(val.photos) <= len(SAMPLE_VAL):
+        return {}
+    return {"unseen": sample_unseen_photos(val),
+            "strips": PhotoCrops(val.photos[len(SAMPLE_VAL):], val.size, False)}
+
+
 class ResizedArray:
     """decode(i) for preparing CIFAR-10: row i of its (N, 32, 32, 3) array, resized (bicubic, antialiased) to S."""
 

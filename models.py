@@ -41,21 +41,66 @@ class ResidualBlock(nn.Module):
         return h + self.conv1(F.relu(self.conv3(F.relu(h)), inplace=True))
 
 
-class ResidualStack(nn.Module):
-    """`num_blocks` separate residual blocks (each with its own weights) followed by a ReLU."""
+def num_groups(channels: int, most: int = 32) -> int:
+    """The largest number of GroupNorm groups, at most `most`, that divides `channels`."""
+    return max(g for g in range(1, min(most, channels) + 1) if channels % g == 0)
 
-    def __init__(self, channels: int, residual_channels: int, num_blocks: int):
+
+class ModernResidualBlock(nn.Module):
+    """h + conv3x3(SiLU(GN(conv3x3(SiLU(GN(h)))))): the residual block of VQGAN's encoder and decoder (Esser et al.
+    2021, arXiv 2012.09841), GroupNorm and SiLU in place of the paper's bare ReLUs, `residual_channels` inside."""
+
+    def __init__(self, channels: int, residual_channels: int):
         super().__init__()
-        self.blocks = nn.ModuleList([ResidualBlock(channels, residual_channels) for _ in range(num_blocks)])
+        self.norm1 = nn.GroupNorm(num_groups(channels), channels)
+        self.conv1 = nn.Conv2d(channels, residual_channels, kernel_size=3, padding=1)
+        self.norm2 = nn.GroupNorm(num_groups(residual_channels), residual_channels)
+        self.conv2 = nn.Conv2d(residual_channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h + self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(h))))))
+
+
+class SelfAttention(nn.Module):
+    """h + proj(softmax(q k^T / sqrt(C)) v) over the H*W positions, with q, k, v 1x1 convolutions of GN(h): the
+    single-head attention block VQGAN puts at its lowest resolution (arXiv 2012.09841)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(num_groups(channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, kernel_size=1)
+        self.proj = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        b, c, height, width = h.shape
+        qkv = self.qkv(self.norm(h)).reshape(b, 3, c, height * width).transpose(-1, -2)     # (B, 3, HW, C)
+        q, k, v = qkv.unbind(1)                                                              # (B, HW, C) each
+        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]       # (B, HW, C)
+        return h + self.proj(out.transpose(1, 2).reshape(b, c, height, width))               # (B, C, H, W)
+
+
+class ResidualStack(nn.Module):
+    """`num_blocks` separate residual blocks (each with its own weights) followed by the activation: the paper's
+    blocks and a ReLU (`block="paper"`), or VQGAN's blocks and GroupNorm + SiLU (`block="modern"`)."""
+
+    def __init__(self, channels: int, residual_channels: int, num_blocks: int, block: str = "paper"):
+        super().__init__()
+        if block not in ("paper", "modern"):
+            raise ValueError(f"block must be 'paper' or 'modern', got {block!r}")
+        kind = ResidualBlock if block == "paper" else ModernResidualBlock
+        self.blocks = nn.ModuleList([kind(channels, residual_channels) for _ in range(num_blocks)])
+        self.norm = nn.GroupNorm(num_groups(channels), channels) if block == "modern" else None
 
     def forward(self, h: Tensor) -> Tensor:
         for block in self.blocks:
             h = block(h)
+        if self.norm is not None:
+            return F.silu(self.norm(h))
         return F.relu(h, inplace=len(self.blocks) > 0)   # in place only on a tensor made here, not the input
 
 
 class Encoder(nn.Module):
-    """x (B, 3, H, W) -> z_e(x) (B, D, H/4, W/4).
+    """x (B, 3, H, W) -> z_e(x) (B, D, H/4, W/4) (H/8 with downsample=8).
 
     Two 4x4 stride-2 convolutions (hidden/2, then hidden channels, each followed by a ReLU), a 3x3 convolution,
     the residual stack, and a 1x1 convolution to the embedding dimension D that the quantizer expects.
@@ -65,22 +110,36 @@ class Encoder(nn.Module):
     residual_channels: width inside each residual block.
     num_residual_blocks: number of residual blocks (the paper uses 2).
     embedding_dim: D, the dimension of each latent vector and of each code.
+    Beyond the paper (the defaults are the paper's): block="modern" uses VQGAN's GroupNorm + SiLU residual blocks,
+    attention=True adds one self-attention block at the lowest resolution before them, downsample=8 adds a third
+    4x4 stride-2 convolution (for 128-256 px images).
     """
 
     def __init__(self, hidden_channels: int = 128, residual_channels: int = 32, num_residual_blocks: int = 2,
-                 embedding_dim: int = 64, in_channels: int = 3):
+                 embedding_dim: int = 64, in_channels: int = 3, block: str = "paper", attention: bool = False,
+                 downsample: int = 4):
         super().__init__()
+        if downsample not in (4, 8):
+            raise ValueError(f"downsample must be 4 or 8, got {downsample}")
         self.conv1 = nn.Conv2d(in_channels, hidden_channels // 2, kernel_size=4, stride=2, padding=1)
         self.conv2 = nn.Conv2d(hidden_channels // 2, hidden_channels, kernel_size=4, stride=2, padding=1)
+        self.down = nn.ModuleList([nn.Conv2d(hidden_channels, hidden_channels, kernel_size=4, stride=2, padding=1)
+                                   for _ in range(downsample == 8)])
         self.conv3 = nn.Conv2d(hidden_channels, hidden_channels, kernel_size=3, padding=1)
-        self.residual = ResidualStack(hidden_channels, residual_channels, num_residual_blocks)
+        self.attention = SelfAttention(hidden_channels) if attention else None
+        self.residual = ResidualStack(hidden_channels, residual_channels, num_residual_blocks, block)
         self.to_embedding = nn.Conv2d(hidden_channels, embedding_dim, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.relu(self.conv1(x), inplace=True)     # (B, hidden/2, H/2, W/2)
         h = F.relu(self.conv2(h), inplace=True)     # (B, hidden, H/4, W/4)
-        h = self.residual(self.conv3(h))     # (B, hidden, H/4, W/4)
-        return self.to_embedding(h)          # (B, D, H/4, W/4)
+        for down in self.down:
+            h = F.relu(down(h), inplace=True)       # (B, hidden, H/8, W/8)
+        h = self.conv3(h)                           # (B, hidden, h, w)
+        if self.attention is not None:
+            h = self.attention(h)
+        h = self.residual(h)                        # (B, hidden, h, w)
+        return self.to_embedding(h)                 # (B, D, h, w)
 
 
 class Decoder(nn.Module):
@@ -88,22 +147,33 @@ class Decoder(nn.Module):
 
     A 3x3 convolution from D to hidden channels, the residual stack, then two 4x4 stride-2 transposed
     convolutions (to hidden/2 with a ReLU, then to the image channels). The output is unbounded; images are
-    scaled to [-0.5, 0.5] for training.
+    scaled to [-0.5, 0.5] for training. block, attention and downsample mirror the Encoder's options.
     Example: Decoder()(torch.zeros(8, 64, 16, 16)).shape == (8, 3, 64, 64).
     """
 
     def __init__(self, hidden_channels: int = 128, residual_channels: int = 32, num_residual_blocks: int = 2,
-                 embedding_dim: int = 64, out_channels: int = 3):
+                 embedding_dim: int = 64, out_channels: int = 3, block: str = "paper", attention: bool = False,
+                 downsample: int = 4):
         super().__init__()
+        if downsample not in (4, 8):
+            raise ValueError(f"downsample must be 4 or 8, got {downsample}")
         self.conv1 = nn.Conv2d(embedding_dim, hidden_channels, kernel_size=3, padding=1)
-        self.residual = ResidualStack(hidden_channels, residual_channels, num_residual_blocks)
+        self.attention = SelfAttention(hidden_channels) if attention else None
+        self.residual = ResidualStack(hidden_channels, residual_channels, num_residual_blocks, block)
+        self.up = nn.ModuleList([nn.ConvTranspose2d(hidden_channels, hidden_channels, kernel_size=4, stride=2,
+                                                    padding=1) for _ in range(downsample == 8)])
         self.deconv1 = nn.ConvTranspose2d(hidden_channels, hidden_channels // 2, kernel_size=4, stride=2, padding=1)
         self.deconv2 = nn.ConvTranspose2d(hidden_channels // 2, out_channels, kernel_size=4, stride=2, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
-        h = self.residual(self.conv1(z))     # (B, hidden, H/4, W/4)
+        h = self.conv1(z)                           # (B, hidden, h, w)
+        if self.attention is not None:
+            h = self.attention(h)
+        h = self.residual(h)                        # (B, hidden, h, w)
+        for up in self.up:
+            h = F.relu(up(h), inplace=True)         # (B, hidden, 2h, 2w)
         h = F.relu(self.deconv1(h), inplace=True)   # (B, hidden/2, H/2, W/2)
-        return self.deconv2(h)               # (B, 3, H, W)
+        return self.deconv2(h)                      # (B, 3, H, W)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -578,7 +648,7 @@ class VQVAE(nn.Module):
     cosine codes searched in a 4-d projection; the quantizer classes on their own default to the paper's random
     initialisation in D dimensions without restarts);
     rotation_trick: the gradient path of the "vq" quantizer; fsq_levels: FSQ's levels (default: the paper's
-    recommendation for num_embeddings).
+    recommendation for num_embeddings); block, attention, downsample: see `Encoder`.
     Example: VQVAE()(torch.zeros(8, 3, 32, 32)).vq.indices.shape == (8, 8, 8).
     """
 
@@ -586,9 +656,12 @@ class VQVAE(nn.Module):
                  embedding_dim: int = 64, num_embeddings: int = 512, beta: float = 0.25, quantizer: str = "ema",
                  decay: float = 0.99, eps: float = 1e-5, kmeans_init: bool = True, restart_threshold: float = 1.0,
                  cosine: bool = True, lookup_dim: int = 4, rotation_trick: bool = False,
-                 fsq_levels: Sequence[int] | None = None, in_channels: int = 3):
+                 fsq_levels: Sequence[int] | None = None, in_channels: int = 3, block: str = "paper",
+                 attention: bool = False, downsample: int = 4):
         super().__init__()
-        self.encoder = Encoder(hidden_channels, residual_channels, num_residual_blocks, embedding_dim, in_channels)
+        shape = dict(block=block, attention=attention, downsample=downsample)
+        self.encoder = Encoder(hidden_channels, residual_channels, num_residual_blocks, embedding_dim, in_channels,
+                               **shape)
         options = dict(cosine=cosine, lookup_dim=lookup_dim, kmeans_init=kmeans_init,
                        restart_threshold=restart_threshold)
         if quantizer == "ema":
@@ -599,7 +672,8 @@ class VQVAE(nn.Module):
             self.quantizer = FSQ(num_embeddings, embedding_dim, fsq_levels)
         else:
             raise ValueError(f"quantizer must be 'ema', 'vq' or 'fsq', got {quantizer!r}")
-        self.decoder = Decoder(hidden_channels, residual_channels, num_residual_blocks, embedding_dim, in_channels)
+        self.decoder = Decoder(hidden_channels, residual_channels, num_residual_blocks, embedding_dim, in_channels,
+                               **shape)
 
     def forward(self, x: Tensor) -> VQVAEOutput:
         vq = self.quantizer(self.encoder(x))
@@ -607,10 +681,11 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) images -> (B, H/4, W/4) code indices. Never updates the codebook."""
+        """(B, 3, H, W) images -> (B, H/f, W/f) code indices (f: the downsampling factor). Never updates the
+        codebook."""
         return self.quantizer.nearest_indices(self.encoder(x))
 
     @torch.no_grad()
     def decode(self, indices: Tensor) -> Tensor:
-        """(B, h, w) code indices -> (B, 3, 4h, 4w) images (in the model's [-0.5, 0.5] scale)."""
+        """(B, h, w) code indices -> (B, 3, f h, f w) images (in the model's [-0.5, 0.5] scale)."""
         return self.decoder(self.quantizer.lookup(indices))

@@ -24,6 +24,7 @@ reconstruction term independent of the data's contrast, so beta keeps its meanin
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -39,11 +40,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
-from checkpoint import (Config, build_model, check_config, check_resume_matches, config_from_dict, read_checkpoint,
-                        save_checkpoint)
+from checkpoint import (Config, build_model, check_config, check_resume_matches, config_from_dict,
+                        learning_rate, read_checkpoint, save_checkpoint)
 from evaluate import evaluate
 from device_data import device_batches, split_bytes
-from image_data import DataSplits, batches, build_data, default_workers, eval_loader
+from image_data import DataSplits, batches, build_data, default_workers, eval_loader, sample_validation_parts
 from models import VQVAE
 from runs import (TENSORBOARD_FILES, Interrupted, MetricsLog, Processes, StopOnSignal, amp_dtype_for, autocast,
                   deterministic_algorithms, init_processes, make_optimizer, open_run_folder, parse_args, pick_device,
@@ -172,10 +173,18 @@ def _train(c: Config, procs: Processes, device: torch.device, callback: Callable
                                 procs.rank)
     val_share = data.val if procs.world == 1 else Subset(data.val, range(procs.rank, len(data.val), procs.world))
     val_loader = eval_loader(val_share, max(c.batch_size, 64), workers, pin)
+    # the sample's unseen photos and held-out strips, each also on its own (val_unseen_*, val_strips_*)
+    part_loaders = {name: eval_loader(part if procs.world == 1 else Subset(part, range(procs.rank, len(part),
+                                                                                        procs.world)), 64)
+                    for name, part in (sample_validation_parts(data.val).items() if c.data == "sample" else ())}
     preview = next(iter(eval_loader(data.val, 8)))[0]
 
     def validate() -> dict:
-        return evaluate(model, val_loader, device, amp_dtype, channels_last)
+        metrics = evaluate(model, val_loader, device, amp_dtype, channels_last)
+        for name, loader in part_loaders.items():
+            part = evaluate(model, loader, device, amp_dtype, channels_last)
+            metrics.update({f"{name}_{key}": part[key] for key in ("psnr", "ssim", "codebook_usage")})
+        return metrics
 
     def checkpoint(step: int, metrics: dict | None = None) -> None:
         if procs.main:
@@ -207,6 +216,8 @@ def _train(c: Config, procs: Processes, device: torch.device, callback: Callable
                 loss = reconstruction_loss + out_.vq.loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(c, step)
             optimizer.step()
             step += 1
             since_log += 1
@@ -252,7 +263,10 @@ def _train(c: Config, procs: Processes, device: torch.device, callback: Callable
                     if procs.main:
                         grid = save_reconstructions(model, preview, out / "reconstructions.png", device, amp_dtype)
                         metrics.image("val/reconstructions", grid, step)
-                        bar.write(f"step {step}: val PSNR {final['psnr']:.2f} dB, codebook usage "
+                        unseen = (f" (unseen photos {final['unseen_psnr']:.2f} dB, SSIM {final['unseen_ssim']:.3f})"
+                                  if "unseen_psnr" in final else "")
+                        bar.write(f"step {step}: val PSNR {final['psnr']:.2f} dB{unseen}, SSIM {final['ssim']:.3f}, "
+                                  f"codebook usage "
                                   f"{final['codebook_usage']:.1%}, perplexity {final['perplexity']:.1f}, "
                                   f"restarts {record['restarts']}")
                 metrics.log(record)
@@ -277,8 +291,8 @@ def _train(c: Config, procs: Processes, device: torch.device, callback: Callable
 
 def main(argv: list[str] | None = None) -> int:
     return run_training_cli(train, parse_args(argv, Config, __doc__), lambda r: (
-        f"done: {r.out} | val PSNR {r.final['psnr']:.2f} dB | MSE {r.final['mse']:.5f} | codebook usage "
-        f"{r.final['codebook_usage']:.1%} | perplexity {r.final['perplexity']:.1f} | "
+        f"done: {r.out} | val PSNR {r.final['psnr']:.2f} dB | SSIM {r.final.get('ssim', math.nan):.3f} | "
+        f"MSE {r.final['mse']:.5f} | codebook usage {r.final['codebook_usage']:.1%} | perplexity {r.final['perplexity']:.1f} | "
         f"{r.final['num_images']} validation images"))
 
 

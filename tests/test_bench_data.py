@@ -1,0 +1,98 @@
+"""bench_data.py: its Food101-layout copy is read by torchvision's own Food101 and by build_data, and its report
+passes or fails each floor on hand-picked numbers."""
+import json
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import bench_data
+from image_data import build_data
+
+
+@pytest.fixture(scope="module")
+def copy24(tmp_path_factory):
+    return bench_data.make_food101_copy(tmp_path_factory.mktemp("copy"), 24, classes=3)
+
+
+def test_torchvision_food101_reads_both_splits_of_the_copy(copy24):
+    train = torchvision.datasets.Food101(str(copy24), split="train")
+    test = torchvision.datasets.Food101(str(copy24), split="test")
+    assert (len(train), len(test)) == (18, 6)
+    assert train.classes == test.classes == ["class_00", "class_01", "class_02"]
+    assert (copy24 / "food-101" / "meta" / "classes.txt").read_text().split() == train.classes
+    assert sorted(train._labels) == [0] * 6 + [1] * 6 + [2] * 6 and sorted(test._labels) == [0, 0, 1, 1, 2, 2]
+    assert not set(train._image_files) & set(test._image_files)
+    image, label = train[0]
+    assert image.mode == "RGB" and 448 <= max(image.size) <= 512 and 0.74 <= min(image.size) / max(image.size) <= 1
+    sizes = {Image.open(f).size for f in train._image_files + test._image_files}
+    assert len(sizes) > 5                                             # the images are not all one size
+    with Image.open(train._image_files[0]) as img:
+        assert img.format == "JPEG"
+
+
+def test_build_data_prepares_the_copy(copy24, tmp_path):
+    data = build_data("food101", 32, root=str(copy24), prepared_dir=str(tmp_path), num_workers=0)
+    assert len(data.train) + len(data.val) == 24 and len(data.val) == 6
+    assert data.classes == ["class_00", "class_01", "class_02"]
+    x, label = data.train[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and label in (0, 1, 2)
+    assert x.float().std() > 5                                       # a photo, not a blank
+
+
+def test_the_copy_is_reused_while_its_marker_matches_and_rebuilt_otherwise(copy24, tmp_path):
+    first = copy24 / "food-101" / "images" / "class_00" / "0.jpg"
+    stamp = first.stat().st_mtime_ns
+    assert bench_data.make_food101_copy(copy24, 24, classes=3) == copy24
+    assert first.stat().st_mtime_ns == stamp                         # not written again
+    other = bench_data.make_food101_copy(tmp_path, 8, classes=2)
+    assert json.loads((other / "food-101" / "copy.json").read_text())["images"] == 8
+    bench_data.make_food101_copy(tmp_path, 12, classes=2)             # another count: made again
+    assert len(list((tmp_path / "food-101" / "images").rglob("*.jpg"))) == 12
+    assert not list(tmp_path.glob(".food-101-building-*"))
+
+
+def results(prepare_ratio=2.0, second_ratio=0.5, e2e=(0.97, 0.92)) -> dict:
+    """A results dict as main() builds it, with hand-picked numbers."""
+    e2e_rows = [{"size": s, "batch": b, "steps": 300, "end_to_end_images_per_s": 100 * r,
+                 "model_only_images_per_s": 100.0, "ratio": r, "floor": f}
+                for (s, b, f), r in zip(((64, 32, 0.95), (128, 128, 0.90)), e2e)]
+    return {"machine": "test machine", "device": "cuda", "threads": 2, "workers": 4, "image_size": 64,
+            "copy": {"images": 1000, "files": 1003, "megabytes": 60.0},
+            "preparing": {"images": 1000, "size": 64, "workers": 4, "repeats": 3, "ratio": prepare_ratio,
+                          "ours_seconds": 1.0, "ours_images_per_s": 1000.0, "ours_images_per_s_per_worker": 250.0,
+                          "torchvision_seconds": prepare_ratio, "torchvision_images_per_s": 1000 / prepare_ratio,
+                          "torchvision_images_per_s_per_worker": 250 / prepare_ratio},
+            "first_second": {"first_seconds": 10.0, "second_seconds": 10 * second_ratio, "ratio": second_ratio,
+                             "repeats": 3},
+            "end_to_end": e2e_rows,
+            "reading": {"images": 750, "batch": 32, "batches": 23, "workers": 4, "memory_kind": "CachedImages",
+                        "mapped_kind": "MappedImages", "in_memory_images_per_s": 50000.0,
+                        "memory_mapped_images_per_s": 20000.0}}
+
+
+def test_the_report_passes_numbers_at_or_past_each_floor():
+    r = results(prepare_ratio=1.5, second_ratio=0.6, e2e=(0.95, 0.90))
+    assert [ok for *_, ok in bench_data.floors(r)] == [True] * 4
+    text, line = bench_data.report(r), bench_data.summary(r)
+    assert "FAIL" not in text and text.count("| PASS |") == 4
+    assert line.startswith("summary: ") and line.count("PASS") == 4 and "\n" not in line
+    assert "1.50x" in line and "0.60" in line and "95.0%" in line and "90.0%" in line
+    assert "| 1000 | 250 |" in text and "| 64x64, 32, 300 | 95 | 100 | 95.0% |" in text
+    assert "50000 images/s" in text and "20000 images/s" in text and "test machine" in text
+
+
+@pytest.mark.parametrize("which, numbers", [(0, dict(prepare_ratio=1.49)), (1, dict(second_ratio=0.61)),
+                                            (2, dict(e2e=(0.949, 0.95))), (3, dict(e2e=(0.99, 0.899)))])
+def test_the_report_fails_exactly_the_floor_that_is_missed(which, numbers):
+    r = results(**numbers)
+    passed = [ok for *_, ok in bench_data.floors(r)]
+    assert passed == [i != which for i in range(4)]
+    assert bench_data.report(r).count("| FAIL |") == 1 and bench_data.summary(r).count("FAIL") == 1
+
+
+def test_a_cpu_report_has_one_end_to_end_floor():
+    r = results()
+    r["end_to_end"] = r["end_to_end"][:1]
+    assert len(bench_data.floors(r)) == 3 and "128x128" not in bench_data.summary(r)

@@ -195,12 +195,15 @@ def train_py_seconds(root: Path, size: int, workers: int, device: torch.device, 
 
 
 def bench_first_second(root: Path, size: int, workers: int, device: torch.device, repeats: int) -> dict:
-    """train.py run twice, the first preparing into a fresh folder, the second (--overwrite) reusing it; medians."""
+    """train.py preparing into a fresh folder (first) and reusing a prepared one (second, --overwrite), in the order
+    first, second | second, first | ... so that a machine growing busier or quieter hits both; medians."""
     first, second = [], []
-    for _ in range(repeats):
-        with tempfile.TemporaryDirectory(dir=root, prefix=".prepared-") as where:
-            first.append(train_py_seconds(root, size, workers, device, where, []))
-            second.append(train_py_seconds(root, size, workers, device, where, ["--overwrite"]))
+    with tempfile.TemporaryDirectory(dir=root, prefix=".prepared-") as folder:
+        for k in range(repeats):
+            fresh, done = str(Path(folder) / str(k)), str(Path(folder) / str(k - k % 2))
+            runs = [(first, fresh, []), (second, done, ["--overwrite"])]
+            for times, where, extra in runs if k % 2 == 0 else runs[::-1]:
+                times.append(train_py_seconds(root, size, workers, device, where, extra))
     f, s = statistics.median(first), statistics.median(second)
     return {"first_seconds": f, "second_seconds": s, "ratio": s / f, "repeats": repeats}
 

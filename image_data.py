@@ -194,9 +194,17 @@ class StepBatchSampler(Sampler):
         global_batch = batch_size * num_replicas
         self.steps_per_epoch = max(1, num_items // global_batch)
 
+    def permutation(self, epoch: int) -> Tensor:
+        """The order of epoch `epoch`, drawn from (seed, epoch); kept for the epoch in progress, so a step costs
+        O(batch) rather than a permutation of the whole dataset."""
+        if getattr(self, "_epoch", None) != epoch:
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            self._epoch = epoch
+        return self._perm
+
     def batch_for_step(self, step: int) -> list[tuple[int, int]]:
         epoch, pos = divmod(step, self.steps_per_epoch)
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        perm = self.permutation(epoch)
         global_batch = self.batch_size * self.num_replicas
         if self.n < global_batch:   # tiny dataset: repeat the permutation to fill the batch
             perm = perm.repeat(math.ceil(global_batch / self.n))
@@ -448,7 +456,7 @@ def _torchvision(name: str, image_size: int, root: str, download: bool, cache_li
             splits.append(prepared_split(where, split, image_size, file_stamps(files, root_path), list(ds._labels),
                                          SquareArrays(files, image_size), [str(f) for f in files], train,
                                          cache_limit_mb, num_workers, pretty))
-    classes = list(getattr(make(False), "classes", []))
+    classes = list(getattr(ds, "classes", []))   # ds: the test split, the last one made
     return DataSplits(splits[0], splits[1], classes, pixel_variance(splits[0]),
                       f"{pretty}: {len(splits[0])} training and {len(splits[1])} validation images")
 

@@ -193,7 +193,10 @@ def prepare(folder: Path, split: str, image_size: int, stamps: list[list], label
         array = _new_array(tmp, count, image_size)
         ok = np.zeros(count, dtype=bool)
         failures: dict[int, str] = {}
-        loader = DataLoader(_Decode(decode, count), batch_size=16, num_workers=num_workers, collate_fn=list)
+        # its own generator: preparing must not draw from the global random stream (a run that prepares its
+        # data would otherwise start from other weights than the same run reading prepared data)
+        loader = DataLoader(_Decode(decode, count), batch_size=16, num_workers=num_workers, collate_fn=list,
+                            generator=torch.Generator())
         start = time.perf_counter()
         with tqdm(total=count, desc=f"preparing {split} images", unit="img", leave=False,
                   disable=count < 200) as bar:

@@ -1,6 +1,6 @@
-"""Draw the VQ-VAE architecture (arXiv 1711.00937) as built by `models.VQVAE()` with its default arguments.
+"""Draw the VQ-VAE architecture (arXiv 1711.00937) as train.py builds it with its default config (`Config()`).
 
-The picture is generated from the code, not drawn by hand: the script builds `VQVAE()`, runs one forward pass
+The picture is generated from the code, not drawn by hand: the script builds the model, runs one forward pass
 on a 1x3x64x64 image (the scikit-image astronaut photo, when available) and records with forward hooks the
 output shape of every top-level layer of the encoder, the quantizer and the decoder. Each box's layer type,
 kernel size, stride, channel counts and output shape are read from those modules and hooks, so changing the
@@ -27,7 +27,8 @@ from matplotlib.patches import FancyBboxPatch, Rectangle  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models import VQVAE, ResidualStack  # noqa: E402
+from checkpoint import Config, build_model  # noqa: E402
+from models import VQVAE, ModernResidualBlock, ResidualStack, SelfAttention  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "vqvae.png"
 ENC, DEC, VQ, GREY = "#dbe8f6", "#dcf0dc", "#fbe3c8", "#eeeeee"
@@ -57,11 +58,17 @@ def describe(module: nn.Module) -> list[str]:
         kind = "ConvT2d" if isinstance(module, nn.ConvTranspose2d) else "Conv2d"
         stride = f", s{module.stride[0]}" if module.stride[0] > 1 else ""
         return [kind, f"{kh}x{kw}{stride}", f"{module.in_channels}→{module.out_channels}"]
-    if isinstance(module, ResidualStack):
+    if isinstance(module, ResidualStack) and module.blocks:
         block = module.blocks[0]
-        kernels = "-".join(f"{c.kernel_size[0]}x{c.kernel_size[1]}" for c in (block.conv3, block.conv1))
-        return [f"{len(module.blocks)}× ResBlock", kernels,
-                f"{block.conv3.in_channels}→{block.conv3.out_channels}→{block.conv1.out_channels}"]
+        if isinstance(block, ModernResidualBlock):   # VQGAN's: GroupNorm, SiLU, 3x3 conv, twice
+            first, second, kind = block.conv1, block.conv2, "GN-SiLU ResBlock"
+        else:                                        # the paper's: ReLU, 3x3 conv, ReLU, 1x1 conv
+            first, second, kind = block.conv3, block.conv1, "ResBlock"
+        kernels = "-".join(f"{c.kernel_size[0]}x{c.kernel_size[1]}" for c in (first, second))
+        return [f"{len(module.blocks)}× {kind}", kernels,
+                f"{first.in_channels}→{first.out_channels}→{second.out_channels}"]
+    if isinstance(module, SelfAttention):
+        return ["Self-attention", "1 head", f"{module.proj.in_channels} ch"]
     return [type(module).__name__]
 
 
@@ -75,8 +82,10 @@ def trace(model: VQVAE, x: torch.Tensor) -> tuple[list[Record], list[Record], tu
     hooks = []
     for part in records:
         for name, module in getattr(model, part).named_children():
-            hooks.append(module.register_forward_hook(
-                lambda m, i, o, part=part, name=name: records[part].append((name, m, tuple(o.shape)))))
+            # a ModuleList (the extra down- or upsampling convolutions) is not called itself: hook its layers
+            for sub, layer in (module.named_children() if isinstance(module, nn.ModuleList) else [("", module)]):
+                hooks.append(layer.register_forward_hook(
+                    lambda m, i, o, part=part, name=f"{name}{sub}": records[part].append((name, m, tuple(o.shape)))))
     vq_shapes: list[tuple] = []
     hooks.append(model.quantizer.register_forward_hook(
         lambda m, i, o: vq_shapes.append((tuple(o.quantized.shape), tuple(o.indices.shape)))))
@@ -206,7 +215,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output PNG (default model_visualisation/vqvae.png)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)  # the codebook drawn is the model's random initial one: keep the picture reproducible
-    out = draw(VQVAE(), args.out)
+    out = draw(build_model(Config()), args.out)
     print(f"wrote {out}")
     return out
 

@@ -207,3 +207,14 @@ def test_prepare_data_bad_input_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "prepare_data.py", "--data", str(tmp_path / "nowhere")], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert_clean_error(r.returncode, r.stderr, "does not exist")
+
+
+def test_preparing_draws_nothing_from_the_global_random_stream(tmp_path):
+    """A run that prepares its data starts from the same weights as the same run reading prepared data."""
+    data_dir = photos(tmp_path / "photos")
+    draws = []
+    for _ in range(2):                       # the first call prepares, the second reads
+        torch.manual_seed(0)
+        build_data(str(data_dir), 16, root=str(tmp_path / "root"), num_workers=0)
+        draws.append(torch.rand(3))
+    assert torch.equal(draws[0], draws[1])

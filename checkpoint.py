@@ -58,11 +58,11 @@ class Config:
     rotation_trick: bool = False    # rotation-trick gradients through the vq quantizer (arXiv 2410.06424)
     fsq_levels: str = ""            # FSQ levels, e.g. 8,5,5,5 (empty: the paper's choice for num_embeddings)
     # optimisation
-    steps: int = 1000               # optimizer steps in total (a resumed run continues up to this number)
-    batch_size: int = 32            # images per step
-    lr: float = 2e-4                # Adam learning rate (the paper's 2e-4)
-    lr_schedule: str = "constant"   # constant (the paper) or cosine (decays to 0 at --steps)
-    warmup_steps: int = 0           # steps of linear warm-up from 0 to --lr
+    steps: int = 1900               # optimizer steps in total (a resumed run continues up to this number)
+    batch_size: int = 16            # images per step (per process under torchrun)
+    lr: float = 1e-3                # Adam's peak learning rate (the paper: a constant 2e-4, see --lr-schedule)
+    lr_schedule: str = "cosine"     # cosine (decays to 0 at --steps) or constant (the paper)
+    warmup_steps: int = 100         # steps of linear warm-up from 0 to --lr
     seed: int = 0                   # seeds the weights and the order and augmentation of batches
     # hardware
     device: str = "auto"            # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps

@@ -56,6 +56,8 @@ VARIANTS: dict[str, dict] = {
     "recipe + modern block": dict(RECIPE, block="modern"),
     "recipe + K = 2048": dict(RECIPE, num_embeddings=2048),
     "recipe + modern block + K = 2048": dict(RECIPE, block="modern", num_embeddings=2048),
+    "lr 2e-3, warm-up, cosine decay": dict(RECIPE, lr=2e-3),
+    "recipe + batch 16": dict(RECIPE, batch_size=16),
 }
 
 
@@ -127,11 +129,11 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for name in VARIANTS:
+    for i, name in enumerate(VARIANTS):
         runs = [r for r in rows if r["variant"] == name and r["seed"] == 0]
         if runs:
             seconds, psnr = zip(*runs[0]["curve"])
-            ax.plot(seconds, psnr, marker="o", label=name)
+            ax.plot(seconds, psnr, marker="os^"[i // 10], linestyle="-" if i < 10 else "--", label=name)
     ax.set_xlabel("training seconds (2-core CPU)")
     ax.set_ylabel("PSNR on the 4 unseen photos (dB)")
     ax.set_title("VQ-VAE variants at an equal wall-clock budget (seed 0)")

@@ -19,7 +19,7 @@ from checkpoint import Config
 def tiny_config(out, **kw) -> Config:
     c = Config(data="sample", image_size=16, steps=6, batch_size=4, hidden_channels=8, residual_channels=4,
                num_residual_blocks=1, embedding_dim=4, num_embeddings=16, eval_every=3, log_every=1, lr=1e-3,
-               out=str(out), progress=False, device="cpu", amp="off")
+               out=str(out), progress=False, device="cpu", amp="off", lr_schedule="constant", warmup_steps=0)
     return replace(c, **kw)
 
 
@@ -62,6 +62,8 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(a, b), k
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
+    # the random stream matters after the resume: codes are restarted (random encoder outputs) in steps 5-8
+    assert straight.history[-1]["restarts"] > straight.history[3]["restarts"]
 
 
 def test_resume_drops_records_after_the_checkpoint(tmp_path):

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from bench_report import machine, write_section
-from checkpoint import Config
+from checkpoint import Config, learning_rate
 
 
 class RecordingAdam(torch.optim.Adam):
@@ -80,16 +80,17 @@ def resume_step_error(config: Config, amp_before: str, amp_after: str, steps_bef
             for name, fn in originals.items():
                 setattr(train_module, name, fn)
     (records,) = RecordingAdam.log
+    lr = learning_rate(replace(c, steps=steps_before + 1), steps_before)   # the schedule's rate for this step
     state = saved["optimizer"]["state"]
     assert len(records) == len(state), "every parameter has Adam state after the first steps"
     worst = 0.0
     for i, (before, grad, after) in enumerate(records):
         before, grad, after = before.cpu(), grad.cpu(), after.cpu()
         expected, update = adam_step_by_hand(before, grad, state[i]["exp_avg"], state[i]["exp_avg_sq"],
-                                             float(state[i]["step"]), config.lr)
+                                             float(state[i]["step"]), lr)
         rounding = 2 * before.double().abs() * torch.finfo(torch.float32).eps
         deviation = ((after.double() - expected).abs() - rounding).clamp_min(0)
-        worst = max(worst, (deviation / update.abs().clamp_min(config.lr / 1000)).max().item())
+        worst = max(worst, (deviation / update.abs().clamp_min(lr / 1000)).max().item())
     return worst
 
 

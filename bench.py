@@ -34,7 +34,6 @@ On a GPU it also runs 128x128 at batch 128.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench_report import machine, write_section
+from bench_report import machine, publish
 from checkpoint import Config
 from models import VQVAE, Decoder, Encoder, VectorQuantizerEMA
 from runs import amp_dtype_for, make_optimizer, pick_device, use_channels_last
@@ -288,7 +287,7 @@ def bench_end_to_end(device: torch.device, steps: int, model_only_images_per_s: 
 
     with tempfile.TemporaryDirectory() as out:
         config = Config(steps=steps, out=out, eval_every=10**9, log_every=max(1, steps // 5), progress=False,
-                        device=str(device), **SAME_MATH)
+                        device=str(device), batch_size=32, **SAME_MATH)   # the batch of the model-only figure
         result = train(config)
     rates = [r["images_per_s"] for r in result.history[1:]]   # the first block includes warm-up
     e2e = statistics.median(rates)
@@ -417,11 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     text = report(results)
     print(text)
     print(summary(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    if args.write:
-        write_section("bench.py", "Speed: `bench.py`", "python bench.py " + " ".join(argv or sys.argv[1:]),
-                      text + "\n\n" + summary(results))
+    publish("bench.py", "Speed: `bench.py`", argv, text + "\n\n" + summary(results), args.write, args.json,
+            results)
     return 0
 
 

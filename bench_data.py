@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from bench import SAME_MATH, Trainer, sync
-from bench_report import machine, write_section
+from bench_report import machine, publish
 from checkpoint import Config
 from image_data import batches, build_data, default_workers, sample_photo_paths
 from models import VQVAE
@@ -360,11 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     text = report(results)
     print(text)
     print(summary(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    if args.write:
-        command = "python bench_data.py " + " ".join(argv or sys.argv[1:])
-        write_section("bench_data.py", "Data: `bench_data.py`", command, text + "\n\n" + summary(results))
+    publish("bench_data.py", "Data: `bench_data.py`", argv, text + "\n\n" + summary(results), args.write,
+            args.json, results)
     return 0
 
 

@@ -2,8 +2,10 @@
 sections of BENCHMARKS.md."""
 from __future__ import annotations
 
+import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -40,3 +42,14 @@ def write_section(key: str, title: str, command: str, text: str, path: Path = RO
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(new)
     tmp.replace(path)
+
+
+def publish(script: str, title: str, argv: list[str] | None, text: str, write: bool,
+            json_path: str | None = None, results: dict | None = None) -> None:
+    """A benchmark script's last step: the raw `results` into `json_path` (if given) and, with `write`, `text` into
+    its BENCHMARKS.md section under the command that produced it (`python {script} {argv}`)."""
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2))
+    if write:
+        args = sys.argv[1:] if argv is None else argv
+        write_section(script, title, " ".join(["python", script, *args]), text)

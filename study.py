@@ -27,7 +27,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench_report import ROOT, machine, write_section
+from bench_report import ROOT, machine, publish
 from checkpoint import Config
 from train import train
 
@@ -203,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"sigma 1.5, data range 1) on the 4 unseen photos and on the held-out strips of the training "
                 f"photos; usage over the whole validation split. Unseen-photo PSNR against training seconds: "
                 f"![study](model_visualisation/study.png)")
-        write_section("study.py", "Quality per second: `study.py`", "python study.py " +
-                      " ".join(argv if argv is not None else sys.argv[1:]), note + "\n\n" + text)
+        publish("study.py", "Quality per second: `study.py`", argv, note + "\n\n" + text, True)
     return 0
 
 

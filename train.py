@@ -292,8 +292,8 @@ def _train(c: Config, procs: Processes, device: torch.device, callback: Callable
 def main(argv: list[str] | None = None) -> int:
     return run_training_cli(train, parse_args(argv, Config, __doc__), lambda r: (
         f"done: {r.out} | val PSNR {r.final['psnr']:.2f} dB | SSIM {r.final.get('ssim', math.nan):.3f} | "
-        f"MSE {r.final['mse']:.5f} | codebook usage {r.final['codebook_usage']:.1%} | perplexity {r.final['perplexity']:.1f} | "
-        f"{r.final['num_images']} validation images"))
+        f"MSE {r.final['mse']:.5f} | codebook usage {r.final['codebook_usage']:.1%} | "
+        f"perplexity {r.final['perplexity']:.1f} | {r.final['num_images']} validation images"))
 
 
 if __name__ == "__main__":

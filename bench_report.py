@@ -10,11 +10,14 @@ from pathlib import Path
 
 import torch
 
+from runs import atomic_write, cpu_has_native_bf16
+
 ROOT = Path(__file__).resolve().parent
 
 
 def machine() -> str:
-    """One line: cores, CPU model, torch version and the GPU's name when there is one."""
+    """One line: cores, CPU model, whether it has native bf16 (so whether autocast="auto" trains in bf16), torch
+    version and the GPU's name when there is one."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -23,7 +26,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    desc = f"{os.cpu_count()}-core {cpu}, torch {torch.__version__}"
+    desc = f"{os.cpu_count()}-core {cpu} ({'native bf16' if cpu_has_native_bf16() else 'no native bf16: float32'}), " \
+           f"torch {torch.__version__}"
     if torch.cuda.is_available():
         desc += f", {torch.cuda.get_device_name()}"
     return desc
@@ -39,9 +43,7 @@ def write_section(key: str, title: str, command: str, text: str, path: Path = RO
         new = old[:old.index(begin)] + body + old[old.index(end) + len(end):]
     else:
         new = old.rstrip("\n") + "\n\n" + body + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(new)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: tmp.write_text(new))
 
 
 def publish(script: str, title: str, argv: list[str] | None, text: str, write: bool,

@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from decode import skip_warning
-from runs import DataError
+from runs import DataError, atomic_write
 
 FORMAT = 1
 CHECKSUM_SAMPLES, CHECKSUM_BYTES = 64, 4096
@@ -166,17 +166,6 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def prepare(folder: Path, split: str, image_size: int, stamps: list[list], labels: Sequence[int],
             decode: Callable[[int], np.ndarray], names: Sequence[str], num_workers: int,
             source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -231,12 +220,12 @@ def prepare(folder: Path, split: str, image_size: int, stamps: list[list], label
             os.fsync(f.fileno())
         os.replace(tmp, folder / f"{split}.npy")
         kept_labels = np.asarray(labels, dtype=np.int64)[ok]
-        _write_atomically(folder / f"{split}-labels.npy", lambda p: _save_npy(p, kept_labels))
+        atomic_write(folder / f"{split}-labels.npy", lambda p: _save_npy(p, kept_labels))
         path = folder / f"{split}.npy"
         key = {"format": FORMAT, "split": split, "image_size": image_size, "source": source, "files": stamps,
                "skipped": [names[i] for i in sorted(failures)], "count": kept, "bytes": path.stat().st_size,
                "checksum": checksum(path)}
-        _write_atomically(folder / f"{split}.json", lambda p: p.write_text(json.dumps(key)))
+        atomic_write(folder / f"{split}.json", lambda p: p.write_text(json.dumps(key)))
     except OSError as err:
         if err.errno == errno.ENOSPC:
             raise DataError(f"no space left on the disk of {folder} while preparing {source} ({split}; it needs "

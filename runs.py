@@ -1,11 +1,10 @@
-"""The plumbing of a run, shared by both trainers (train.py, train_prior.py) and every script.
-
-Nothing here knows about a particular model or config: every function takes what it needs as arguments.
+"""The plumbing of a run, shared by both trainers (train.py, train_prior.py) and every script; nothing here knows a
+particular model or config: every function takes what it needs as arguments.
 
 - user-facing errors: `ConfigError`, `DataError`, `CheckpointError` (one-line messages that say what to do) and
   `Interrupted`;
 - device and precision: `pick_device`, `amp_dtype_for`, `use_channels_last`, `autocast`; `make_optimizer`;
-- files: `atomic_save`, `load_plain` / `read_plain_file` (weights-only loading), `open_run_folder`,
+- files: `atomic_write` / `atomic_save`, `load_plain` / `read_plain_file` (weights-only loading), `open_run_folder`,
   `trim_metrics`, `MetricsLog` (metrics.jsonl and, with --tensorboard, TensorBoard event files);
 - a run's life: `StopOnSignal`, `training_state` / `restore_training` / `restore_rng` (resume on any device, in
   any memory layout), `Processes` / `init_processes` (torchrun), `deterministic_algorithms`;
@@ -124,11 +123,9 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
 
 @contextmanager
 def deterministic_algorithms(enabled: bool, device: torch.device):
-    """While active: with `enabled`, deterministic algorithms only (torch.use_deterministic_algorithms, cuDNN
-    deterministic, and CUBLAS_WORKSPACE_CONFIG for cuBLAS, which must be set before CUDA starts in this process),
-    so that a CUDA run resumed from a checkpoint ends bit-identical to the uninterrupted run; without it, cuDNN
-    picks the fastest convolution algorithms for the fixed shapes (cudnn.benchmark) on CUDA. The previous
-    settings come back afterwards (a notebook keeps its own)."""
+    """While active, with `enabled`: deterministic algorithms only (use_deterministic_algorithms, cuDNN deterministic,
+    CUBLAS_WORKSPACE_CONFIG), for bit-exact CUDA resumes; without it, cudnn.benchmark on CUDA (the shapes are fixed).
+    The previous settings come back afterwards (a notebook keeps its own)."""
     previous = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
                 torch.backends.cudnn.benchmark)
     if enabled:
@@ -154,19 +151,28 @@ def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Optim
 # Files: atomic saves, weights-only loads
 
 
-def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file in the same folder, flush it to disk, then rename over `path`: a crash during
-    the save leaves the previous file intact."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` to a temporary file beside `path` (same suffix, so writers that read the format from it work),
+    flush it to disk, then rename it over `path`: a crash while writing leaves the previous file intact and no
+    half-written file under `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save through `atomic_write`."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    atomic_write(path, write)
 
 
 def load_plain(path: Path, noun: str = "") -> object:
@@ -253,11 +259,9 @@ def trim_metrics(path: Path, last_step: int) -> list[dict]:
 
 
 class MetricsLog:
-    """The run's record: metrics.jsonl in `out` (one JSON object per logged step), `history` in memory, a
-    `callback` that sees each record, and with `tensorboard` the same scalars (and any images) as TensorBoard
-    event files in `out` itself (so `tensorboard --logdir runs` names each run by its folder). A resumed run keeps
-    the records up to its checkpoint's step; a fresh run starts an empty file. Only the main process writes
-    (`enabled`)."""
+    """The run's record: metrics.jsonl in `out` (a JSON object per logged step), `history`, a `callback` per record,
+    and with `tensorboard` the same scalars (and images) as event files in `out` itself, so `tensorboard --logdir
+    runs` names runs by folder. A resume keeps the records up to its step. Only the main process writes."""
 
     def __init__(self, out: Path, start_step: int, resumed: bool, tensorboard: bool = False,
                  callback: Callable[[dict], None] | None = None, enabled: bool = True):
@@ -355,12 +359,9 @@ def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ste
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """`optimizer.load_state_dict(state)`, then give every state tensor the memory layout of its parameter,
-    keeping its values by logical index.
-
-    load_state_dict keeps the saved tensors' strides, and the fused Adam kernel pairs a parameter with its
-    moments by memory position: a checkpoint written in channels-last (bf16, CUDA) and resumed in NCHW (float32
-    on a CPU), or the reverse, would otherwise continue with every 4-d moment scrambled."""
+    """`optimizer.load_state_dict(state)`, then give every state tensor its parameter's memory layout, values kept
+    by logical index: load_state_dict keeps the saved strides, and fused Adam pairs a parameter with its moments by
+    memory position, so a channels-last checkpoint resumed in NCHW (or the reverse) would scramble every 4-d moment."""
     optimizer.load_state_dict(state)
     for group in optimizer.param_groups:
         for param in group["params"]:

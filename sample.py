@@ -23,7 +23,7 @@ import torch
 from checkpoint import load_checkpoint
 from models import VQVAE
 from prior import GatedPixelCNN
-from runs import (CheckpointError, ConfigError, pick_device, require_at_least, require_positive, run_cli,
+from runs import (CheckpointError, ConfigError, atomic_write, pick_device, require_at_least, require_positive, run_cli,
                   script_parser)
 from train_prior import load_prior
 
@@ -81,14 +81,8 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> None:
     """The images as one PNG grid, written under a temporary name and renamed, so no half-written file is left."""
     import torchvision
 
-    path = Path(path)
     grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        torchvision.utils.save_image(grid, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: torchvision.utils.save_image(grid, tmp))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,9 +46,9 @@ from evaluate import evaluate
 from device_data import device_batches, split_bytes
 from image_data import DataSplits, batches, build_data, default_workers, eval_loader, sample_validation_parts
 from models import VQVAE
-from runs import (TENSORBOARD_FILES, Interrupted, MetricsLog, Processes, StopOnSignal, amp_dtype_for, autocast,
-                  deterministic_algorithms, init_processes, make_optimizer, open_run_folder, parse_args, pick_device,
-                  restore_rng, restore_training, run_training_cli, use_channels_last)
+from runs import (TENSORBOARD_FILES, Interrupted, MetricsLog, Processes, StopOnSignal, amp_dtype_for, atomic_write,
+                  autocast, deterministic_algorithms, init_processes, make_optimizer, open_run_folder, parse_args,
+                  pick_device, restore_rng, restore_training, run_training_cli, use_channels_last)
 
 
 class TrainResult(NamedTuple):
@@ -78,9 +78,7 @@ def save_reconstructions(model: VQVAE, images: torch.Tensor, path: Path, device:
         reconstruction = (model(x - 0.5).reconstruction.float() + 0.5).clamp(0, 1)
     model.train(was_training)
     grid = torchvision.utils.make_grid(torch.cat([x, reconstruction]).cpu(), nrow=len(x), padding=2, pad_value=1.0)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    torchvision.utils.save_image(grid, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: torchvision.utils.save_image(grid, tmp))
     return grid
 
 

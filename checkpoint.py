@@ -4,7 +4,7 @@ This is what every script that touches a trained VQ-VAE needs (evaluate.py, extr
 evaluate_prior.py, the notebook) without the training loop (train.py):
 
 - `Config`: one dataclass for a run, saved as `asdict(config)` in every checkpoint; train.py's flags are its fields;
-- `build_model(config)`: the VQVAE its model fields describe;
+- `build_model(config)`: the VQVAE (or, with levels 2, the hierarchy.VQVAE2) its model fields describe;
 - `save_checkpoint` / `read_checkpoint` / `load_checkpoint`: model, optimizer, step, RNG state, data variance and
   config in one file, written atomically and loaded with torch.load(..., weights_only=True), so a file that carries
   code is refused unread; `load_checkpoint(path)` rebuilds the model from the file alone.
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from hierarchy import VQVAE2
 from models import VQVAE
 from runs import (CheckpointError, ConfigError, atomic_save, load_plain, require_at_least, require_positive,
                   training_state)
@@ -46,6 +47,7 @@ class Config:
     block: str = "paper"            # residual blocks: paper (ReLU, 3x3, ReLU, 1x1) or modern (VQGAN's GroupNorm + SiLU)
     attention: bool = False         # one self-attention block at the lowest resolution of encoder and decoder
     downsample: int = 4             # the encoder's downsampling factor: 4 (the paper) or 8 (for 128-256 px images)
+    levels: int = 1                 # 1: the VQ-VAE; 2: VQ-VAE-2's bottom (/4) and top (/8) code maps (hierarchy.py)
     embedding_dim: int = 64         # D, dimension of each code
     num_embeddings: int = 512       # K, number of codes
     beta: float = 0.25              # commitment weight, beta in eq. 3
@@ -83,9 +85,8 @@ class Config:
     tensorboard: bool = False       # also write TensorBoard event files into --out (tensorboard --logdir runs)
 
 
-MODEL_FIELDS = ("hidden_channels", "residual_channels", "num_residual_blocks", "block", "attention", "downsample",
-                "embedding_dim",
-                "num_embeddings", "beta", "quantizer", "decay", "kmeans_init", "restart_threshold", "cosine",
+MODEL_FIELDS = ("levels", "hidden_channels", "residual_channels", "num_residual_blocks", "block", "attention",
+                "downsample", "embedding_dim", "num_embeddings", "beta", "quantizer", "decay", "kmeans_init", "restart_threshold", "cosine",
                 "lookup_dim", "rotation_trick", "fsq_levels")
 
 
@@ -130,10 +131,14 @@ def check_config(c: Config) -> None:
     if c.lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"--lr-schedule must be constant or cosine, got {c.lr_schedule!r}")
     require_at_least("warmup-steps", c.warmup_steps, 0)
-    if c.image_size < c.downsample or c.image_size % c.downsample:
-        raise ConfigError(f"--image-size must be a positive multiple of {c.downsample} (the encoder downsamples "
-                          f"by {c.downsample}), got {c.image_size}")
-
+    if c.levels not in (1, 2):
+        raise ConfigError(f"--levels must be 1 (VQ-VAE) or 2 (VQ-VAE-2), got {c.levels}")
+    if c.levels == 2 and c.downsample != 4:
+        raise ConfigError("--levels 2 downsamples by 4 (bottom) and 8 (top) already: leave --downsample at 4")
+    factor = 8 if c.levels == 2 else c.downsample
+    if c.image_size < factor or c.image_size % factor:
+        raise ConfigError(f"--image-size must be a positive multiple of {factor} (the encoder downsamples "
+                          f"by {factor}), got {c.image_size}")
 
 
 def learning_rate(c: Config, step: int) -> float:
@@ -154,9 +159,13 @@ def model_args(c: Config) -> dict:
     return args
 
 
-def build_model(c: Config) -> VQVAE:
-    return VQVAE(**model_args(c))
-
+def build_model(c: Config) -> VQVAE | VQVAE2:
+    """The model a config describes: models.VQVAE, or hierarchy.VQVAE2 with --levels 2."""
+    args = model_args(c)
+    if args.pop("levels") == 2:
+        del args["downsample"]
+        return VQVAE2(**args)
+    return VQVAE(**args)
 
 
 def save_checkpoint(path: Path, model: VQVAE, optimizer: torch.optim.Optimizer, step: int, config: Config,

@@ -12,6 +12,8 @@ validation split). The last line printed is one JSON object:
   sigma 1.5, data range 1, averaged over the three channels; `ssim_per_image`);
 - codebook_usage: the fraction of the K codes chosen at least once over the whole set;
 - perplexity: exp(entropy) of the code-usage distribution over the whole set (1 = one code, K = all equally);
+- for a 2-level VQ-VAE (--levels 2): codebook_usage_top / _bottom and perplexity_top / _bottom, each level's own;
+  codebook_usage is then the lower of the two and perplexity the bottom level's;
 - num_images.
 """
 from __future__ import annotations
@@ -77,7 +79,8 @@ def evaluate(model: VQVAE, loader: DataLoader, device: torch.device, amp_dtype: 
     was_training = model.training
     model.eval()
     squared_error = torch.zeros((), dtype=torch.float64, device=device)
-    counts = torch.zeros(model.quantizer.num_embeddings, dtype=torch.float64, device=device)
+    # code counts per level (top first): (levels, K)
+    counts = torch.zeros(model.levels, model.quantizers[0].num_embeddings, dtype=torch.float64, device=device)
     num = torch.zeros(2, dtype=torch.float64, device=device)   # images, pixel values
     ssim_sum = torch.zeros((), dtype=torch.float64, device=device)
     ctx = autocast(device, amp_dtype)
@@ -92,21 +95,29 @@ def evaluate(model: VQVAE, loader: DataLoader, device: torch.device, amp_dtype: 
         reconstruction = (out.reconstruction.float() + 0.5).clamp_(0, 1)
         squared_error += (reconstruction - x).double().pow(2).sum()
         ssim_sum += ssim_per_image(reconstruction, x).double().sum()
-        counts += torch.bincount(out.vq.indices.flatten(), minlength=len(counts)).double()
+        for level, vq in enumerate(out.levels):
+            counts[level] += torch.bincount(vq.indices.flatten(), minlength=counts.shape[1]).double()
         num += torch.tensor([x.shape[0], x.numel()], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         for t in (squared_error, counts, num, ssim_sum):
             dist.all_reduce(t)
     model.train(was_training)
     mse = (squared_error / num[1].clamp_min(1)).item()
-    return {
+    usage = [(c > 0).double().mean().item() for c in counts]
+    perplexity = [perplexity_from_counts(c).item() for c in counts]
+    result = {
         "mse": mse,
         "psnr": 10 * math.log10(1 / mse) if mse > 0 else float("inf"),
         "ssim": (ssim_sum / num[0].clamp_min(1)).item(),
-        "codebook_usage": (counts > 0).double().mean().item(),
-        "perplexity": perplexity_from_counts(counts).item(),
+        # a 2-level model: the lower usage of its two codebooks, the bottom level's perplexity, and each level's
+        "codebook_usage": min(usage),
+        "perplexity": perplexity[-1],
         "num_images": int(num[0].item()),
     }
+    if model.levels == 2:
+        for name, u, p in zip(("top", "bottom"), usage, perplexity):
+            result.update({f"codebook_usage_{name}": u, f"perplexity_{name}": p})
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

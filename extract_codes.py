@@ -17,7 +17,9 @@ The output is a `.pt` file of plain tensors and values (loadable with torch.load
 train_codes / val_codes (N, h, w) as uint8 when K <= 256 (int16 up to 32768, else int32), train_labels /
 val_labels (N,) int64 (the class index; 0 for data without classes), classes (names; empty without classes),
 num_embeddings (K), the data it came from, and the VQ-VAE's checkpoint path, config and step, so the prior can find
-the decoder again.
+the decoder again. `levels` is the VQ-VAE's number of levels; for a 2-level VQ-VAE (hierarchy.VQVAE2) train_codes /
+val_codes hold the bottom maps (N, h, w) and train_codes_top / val_codes_top the top maps (N, h/2, w/2), both
+levels with K codes.
 """
 from __future__ import annotations
 
@@ -59,20 +61,23 @@ def augmentation_seed(pass_index: int, index: int) -> int:
 
 @torch.no_grad()
 def encode_dataset(model, dataset: Dataset, keys: list, batch_size: int, device: torch.device,
-                   num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                   num_workers: int = 0) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]:
     """Encode the items `keys` of `dataset` (integer or (index, seed) keys) -> (codes (N, h, w) int64 on the CPU,
-    labels (N,) int64). Items that cannot be decoded are dropped (with image_data's warning)."""
+    labels (N,) int64); for a 2-level VQ-VAE the codes are its (top, bottom) maps, as `encode` returns them. Items
+    that cannot be decoded are dropped (with image_data's warning)."""
     workers = 0 if isinstance(dataset, (CachedImages, PhotoCrops)) else num_workers
     loader = DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=workers, collate_fn=collate)
     codes, labels = [], []
     for images, y in loader:
         if len(images):
             x = images.to(device).float().div_(255).sub_(0.5)       # (B, 3, S, S) in [-0.5, 0.5]
-            codes.append(model.encode(x).cpu())                      # (B, S/4, S/4)
+            maps = model.encode(x)                                   # (B, S/4, S/4), or (top, bottom)
+            codes.append([maps] if isinstance(maps, torch.Tensor) else list(maps))
             labels.append(y)
     if not codes:
         raise DataError("none of the images could be decoded: check the files")
-    return torch.cat(codes), torch.cat(labels)
+    levels = [torch.cat([c[i] for c in codes]).cpu() for i in range(len(codes[0]))]
+    return (levels[0] if len(levels) == 1 else tuple(levels)), torch.cat(labels)
 
 
 def extract_codes(checkpoint: str | Path, out: str | Path | None = None, passes: int = 1, data: str | None = None,
@@ -105,15 +110,20 @@ def extract_codes(checkpoint: str | Path, out: str | Path | None = None, passes:
                                            workers)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "encoding changed the VQ-VAE's state"
-    dtype = code_dtype(model.quantizer.num_embeddings)
+    k = model.quantizers[0].num_embeddings
+    dtype = code_dtype(k)
+    if model.levels == 2:   # (top, bottom) per pass
+        train_top, train_codes = [t for t, _ in train_codes], [b for _, b in train_codes]
+        val_top, val_codes = val_codes
     result = {
         "format": CODES_FORMAT,
-        "train_codes": torch.cat(train_codes).to(dtype),          # (passes * N, h, w)
+        "levels": model.levels,
+        "train_codes": torch.cat(train_codes).to(dtype),          # (passes * N, h, w), the bottom level's for 2
         "train_labels": torch.cat(train_labels),                  # (passes * N,)
         "val_codes": val_codes.to(dtype),                         # (N_val, h, w)
         "val_labels": val_labels,                                 # (N_val,)
         "classes": list(splits.classes),
-        "num_embeddings": model.quantizer.num_embeddings,
+        "num_embeddings": k,
         "vqvae_checkpoint": str(checkpoint),
         "vqvae_config": ckpt["config"],
         "vqvae_step": ckpt["step"],
@@ -121,6 +131,9 @@ def extract_codes(checkpoint: str | Path, out: str | Path | None = None, passes:
         "description": splits.description,
         "passes": passes,
     }
+    if model.levels == 2:
+        result["train_codes_top"] = torch.cat(train_top).to(dtype)   # (passes * N, h/2, w/2)
+        result["val_codes_top"] = val_top.to(dtype)                  # (N_val, h/2, w/2)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_save(result, out)
@@ -150,9 +163,13 @@ def report(args: argparse.Namespace) -> int:
     out = args.out or default_codes_path(args.checkpoint)
     train, val = result["train_codes"], result["val_codes"]
     used = torch.cat([train.flatten(), val.flatten()]).long().unique().numel()
+    shape = f"{tuple(train.shape[1:])} codes"
+    if result["levels"] == 2:
+        top = torch.cat([result["train_codes_top"].flatten(), result["val_codes_top"].flatten()])
+        shape = f"{tuple(result['train_codes_top'].shape[1:])} top and {shape[:-6]} bottom codes"
+        used = f"{top.long().unique().numel()} top and {used} bottom"
     print(f"done: {out} | {len(train)} training maps ({args.passes} passes), {len(val)} validation maps of "
-          f"{tuple(train.shape[1:])} codes | {used} of K = {result['num_embeddings']} codes used | "
-          f"{len(result['classes'])} classes")
+          f"{shape} | {used} of K = {result['num_embeddings']} codes used | {len(result['classes'])} classes")
     return 0
 
 

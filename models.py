@@ -632,11 +632,29 @@ class FSQ(nn.Module):
 # The whole model
 
 
+def make_quantizer(quantizer: str = "ema", num_embeddings: int = 512, embedding_dim: int = 64, beta: float = 0.25,
+                   decay: float = 0.99, eps: float = 1e-5, kmeans_init: bool = True, restart_threshold: float = 1.0,
+                   cosine: bool = True, lookup_dim: int = 4, rotation_trick: bool = False,
+                   fsq_levels: Sequence[int] | None = None) -> nn.Module:
+    """The quantizer `VQVAE` (and each level of hierarchy.VQVAE2) uses: "ema", "vq" or "fsq"."""
+    options = dict(cosine=cosine, lookup_dim=lookup_dim, kmeans_init=kmeans_init, restart_threshold=restart_threshold)
+    if quantizer == "ema":
+        return VectorQuantizerEMA(num_embeddings, embedding_dim, beta, decay, eps, **options)
+    if quantizer == "vq":
+        return VectorQuantizer(num_embeddings, embedding_dim, beta, rotation_trick, **options)
+    if quantizer == "fsq":
+        return FSQ(num_embeddings, embedding_dim, fsq_levels)
+    raise ValueError(f"quantizer must be 'ema', 'vq' or 'fsq', got {quantizer!r}")
+
+
 class VQVAEOutput(NamedTuple):
-    """reconstruction: (B, 3, H, W) decoder output; vq: the quantizer's `VQOutput` for this batch."""
+    """reconstruction: (B, 3, H, W) decoder output; vq: the quantizer's `VQOutput` for this batch (for a 2-level
+    model: its losses summed over the levels, the bottom level's indices and perplexity); levels: each level's own
+    `VQOutput`, top first (one for `VQVAE`)."""
 
     reconstruction: Tensor
     vq: VQOutput
+    levels: tuple = ()
 
 
 class VQVAE(nn.Module):
@@ -662,22 +680,21 @@ class VQVAE(nn.Module):
         shape = dict(block=block, attention=attention, downsample=downsample)
         self.encoder = Encoder(hidden_channels, residual_channels, num_residual_blocks, embedding_dim, in_channels,
                                **shape)
-        options = dict(cosine=cosine, lookup_dim=lookup_dim, kmeans_init=kmeans_init,
-                       restart_threshold=restart_threshold)
-        if quantizer == "ema":
-            self.quantizer: nn.Module = VectorQuantizerEMA(num_embeddings, embedding_dim, beta, decay, eps, **options)
-        elif quantizer == "vq":
-            self.quantizer = VectorQuantizer(num_embeddings, embedding_dim, beta, rotation_trick, **options)
-        elif quantizer == "fsq":
-            self.quantizer = FSQ(num_embeddings, embedding_dim, fsq_levels)
-        else:
-            raise ValueError(f"quantizer must be 'ema', 'vq' or 'fsq', got {quantizer!r}")
+        self.quantizer = make_quantizer(quantizer, num_embeddings, embedding_dim, beta, decay, eps, kmeans_init,
+                                        restart_threshold, cosine, lookup_dim, rotation_trick, fsq_levels)
         self.decoder = Decoder(hidden_channels, residual_channels, num_residual_blocks, embedding_dim, in_channels,
                                **shape)
 
+    levels = 1
+
+    @property
+    def quantizers(self) -> tuple[nn.Module, ...]:
+        """The model's quantizers, top level first (one here; two in hierarchy.VQVAE2)."""
+        return (self.quantizer,)
+
     def forward(self, x: Tensor) -> VQVAEOutput:
         vq = self.quantizer(self.encoder(x))
-        return VQVAEOutput(self.decoder(vq.quantized), vq)
+        return VQVAEOutput(self.decoder(vq.quantized), vq, (vq,))
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:

@@ -252,7 +252,8 @@ def _train(c: Config, procs: Processes, device: torch.device, callback: Callable
                 record = {"step": step, "loss": sums[0].item() / since_log,
                           "recon_loss": sums[1].item() / since_log, "commitment_loss": sums[2].item() / since_log,
                           "perplexity": sums[3].item() / since_log,
-                          "restarts": int(getattr(model.quantizer, "restarts", torch.zeros(())).item()),
+                          "restarts": sum(int(getattr(q, "restarts", torch.zeros(())).item())
+                                          for q in model.quantizers),
                           "images_per_s": since_log * c.batch_size * procs.world / max(now - tick, 1e-9),
                           "elapsed_s": round(elapsed, 2)}
                 if evaluate_now:

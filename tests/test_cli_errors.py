@@ -202,6 +202,9 @@ def test_subprocess_evaluate_bad_device(real_run):
     (["--quantizer", "foo"], ["--quantizer", "foo", "ema", "vq"]),
     (["--val-fraction", "1.5"], ["--val-fraction", "1.5"]),
     (["--val-fraction", "0"], ["--val-fraction"]),
+    (["--levels", "3"], ["--levels", "3"]),
+    (["--levels", "2", "--downsample", "8"], ["--levels 2", "--downsample"]),
+    (["--levels", "2", "--image-size", "36"], ["--image-size", "multiple of 8", "36"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("--") else None)
 def test_bad_flags(extra, words, images, tmp_path, capsys, plain_warnings):
     out = tmp_path / "run"

@@ -1,0 +1,139 @@
+"""The 2-level VQ-VAE (hierarchy.VQVAE2, VQ-VAE-2 section 3.1): shapes, the nearest code at each level against a
+brute-force search, the bottom code chosen given the top one, the decoder fed by both, checkpoints that rebuild the
+right kind of model, exact resume, and both codebooks identical over two gloo processes."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+import train
+from checkpoint import Config, build_model, load_checkpoint
+from hierarchy import VQVAE2
+from models import VQVAE
+from tests.ddp_worker import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small(**kw) -> VQVAE2:
+    torch.manual_seed(0)
+    return VQVAE2(hidden_channels=16, residual_channels=8, num_residual_blocks=1, embedding_dim=8,
+                  num_embeddings=32, **kw).eval()
+
+
+@pytest.mark.parametrize("size", [(128, 128), (256, 256), (64, 96)])
+def test_shapes_at_128_and_256_px_and_non_square(size):
+    h, w = size
+    model = small()
+    x = torch.rand(2, 3, h, w) - 0.5
+    top, bottom = model.encode(x)
+    assert top.shape == (2, h // 8, w // 8) and bottom.shape == (2, h // 4, w // 4)
+    assert top.dtype == bottom.dtype == torch.int64
+    out = model(x)
+    assert out.reconstruction.shape == x.shape
+    assert [v.indices.shape for v in out.levels] == [top.shape, bottom.shape]
+    assert torch.equal(out.levels[0].indices, top) and torch.equal(out.levels[1].indices, bottom)
+    assert torch.equal(out.vq.indices, bottom)
+    assert torch.allclose(out.vq.loss, out.levels[0].loss + out.levels[1].loss)
+    assert torch.equal(model.decode((top, bottom)), out.reconstruction.detach())   # the round trip
+
+
+def brute_force_nearest(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """(B, D, h, w), (K, D) -> (B, h, w) argmin_k ||z - e_k|| by an explicit distance table."""
+    flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
+    distances = ((flat[:, None, :] - codebook.double()[None]) ** 2).sum(-1)       # (N, K)
+    return distances.argmin(1).view(z.shape[0], z.shape[2], z.shape[3])
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "ema"])
+def test_each_level_takes_its_nearest_code_and_the_bottom_sees_the_quantized_top(quantizer):
+    """Section 3.1: the top map is quantized first; its codes, decoded, are joined to the bottom features, and the
+    bottom quantizer picks the code nearest to that."""
+    model = small(quantizer=quantizer, cosine=False, lookup_dim=0, kmeans_init=False)
+    x = torch.rand(3, 3, 32, 48) - 0.5
+    with torch.no_grad():
+        h_b = model.encoder(x)
+        top_codes = model.top_quantizer.embedding
+        top = brute_force_nearest(model.top_encoder(h_b), top_codes)
+        e_top = top_codes[top].permute(0, 3, 1, 2)                                 # (B, D, h/2, w/2)
+        z_bottom = model.join(torch.cat([h_b, model.top_decoder(e_top)], 1))
+        bottom = brute_force_nearest(z_bottom, model.bottom_quantizer.embedding)
+    got_top, got_bottom = model.encode(x)
+    assert torch.equal(got_top, top) and torch.equal(got_bottom, bottom)
+
+
+def test_the_bottom_code_depends_on_the_top_code_and_the_decoder_on_both():
+    model = small()
+    x = torch.rand(4, 3, 64, 64) - 0.5
+    top, bottom = model.encode(x)
+    with torch.no_grad():
+        model.top_quantizer.embedding.copy_(torch.randn_like(model.top_quantizer.embedding))
+    top2, bottom2 = model.encode(x)
+    assert not torch.equal(bottom, bottom2)              # same image, same bottom encoder: the top level decided
+    image = model.decode((top, bottom))
+    assert not torch.equal(image, model.decode(((top + 1) % 32, bottom)))
+    assert not torch.equal(image, model.decode((top, (bottom + 1) % 32)))
+    with pytest.raises(ValueError, match="top, bottom"):
+        model.decode((top,))
+
+
+def test_the_loss_reaches_every_part_of_both_levels():
+    model = small(quantizer="vq").train()
+    out = model(torch.rand(2, 3, 32, 32) - 0.5)
+    (out.reconstruction.pow(2).mean() + out.vq.loss).backward()
+    for name in ("encoder", "top_encoder", "top_decoder", "join", "upsample_top", "decoder", "top_quantizer",
+                 "bottom_quantizer"):
+        grads = [p.grad for p in getattr(model, name).parameters()]
+        assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), name
+
+
+def tiny2(out, **kw) -> Config:
+    return replace(tiny(str(out), 4, levels=2), **kw)
+
+
+def test_a_2_level_checkpoint_rebuilds_its_model_and_evaluate_reports_both_codebooks(tmp_path, capsys):
+    result = train.train(tiny2(tmp_path / "run", image_size=32))
+    assert isinstance(result.model, VQVAE2)
+    assert isinstance(build_model(Config(image_size=32)), VQVAE)
+    model, config, _ = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert isinstance(model, VQVAE2) and config.levels == 2
+    for key, value in result.model.state_dict().items():
+        assert torch.equal(model.state_dict()[key].cpu(), value.cpu()), key
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 < report["codebook_usage_top"] <= 1 and 0 < report["codebook_usage_bottom"] <= 1
+    assert report["codebook_usage"] == min(report["codebook_usage_top"], report["codebook_usage_bottom"])
+    assert report["perplexity"] == report["perplexity_bottom"]
+    assert report["psnr"] == pytest.approx(result.final["psnr"], abs=1e-6)
+
+
+def test_a_resumed_2_level_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    straight = train.train(tiny2(tmp_path / "straight", image_size=32, steps=8, eval_every=4))
+    train.train(tiny2(tmp_path / "split", image_size=32, steps=4, eval_every=4))
+    resumed = train.train(tiny2(tmp_path / "split", image_size=32, steps=8, eval_every=4, resume=True))
+    assert [r["step"] for r in resumed.history][-4:] == [5, 6, 7, 8]
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+    assert int(straight.model.bottom_quantizer.restarts) + int(straight.model.top_quantizer.restarts) > 0
+
+
+def test_two_gloo_processes_hold_identical_codebooks_at_both_levels(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path / "ddp"), "4", "2"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True)["model"] for r in (0, 1)]
+    codebooks = [k for k in ranks[0] if k.startswith(("top_quantizer.", "bottom_quantizer."))]
+    assert any(k.startswith("top_quantizer.embedding") for k in codebooks)
+    assert any(k.startswith("bottom_quantizer.embedding") for k in codebooks)
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    assert int(ranks[0]["top_quantizer.restarts"]) + int(ranks[0]["bottom_quantizer.restarts"]) > 0

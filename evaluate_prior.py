@@ -25,6 +25,13 @@ The method, step by step:
 
 The last line printed is one JSON object with every number. --time-sampling adds the median time of drawing 16 maps
 (the prior's map size) over --runs runs, after one warm-up run.
+
+A 2-level prior (hierarchical_prior.HierarchicalPrior over a VQ-VAE-2's top and bottom maps, arXiv 1906.00446) is
+reported level by level: under "top" and "bottom", each level's NLL per code (the bottom level's given the top map),
+its own unigram baseline and entropy, as in steps 1 and 2; then per image, -log p(z_top, z_bottom | y) = the two
+levels' NLLs summed, in nats, against the sum of the two unigram baselines per image (and the % below it); and the
+bits/dim bound of step 3 with z = (z_top, z_bottom): NLL_prior(z) is both levels' NLL and the decoder term uses
+decode((top, bottom)). The keys of a 1-level report are unchanged.
 """
 from __future__ import annotations
 
@@ -44,7 +51,7 @@ from extract_codes import read_codes
 from image_data import build_data, eval_loader
 from runs import CheckpointError, pick_device, require_at_least, run_cli, script_parser
 from sample import class_labels, load_vqvae_for
-from train_prior import load_prior, nll_metrics, nll_per_map
+from train_prior import code_levels, level_maps, load_prior, nll_metrics, nll_per_level, nll_per_map, prior_levels
 
 # ---------------------------------------------------------------------------------------------------------------
 # Unigram baseline
@@ -106,11 +113,12 @@ def fit_sigma(x: Tensor, mean: Tensor, low: float = 0.05, high: float = 255.0, i
 
 
 @torch.no_grad()
-def decoder_means(vqvae, images: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
-    """uint8 images (B, 3, S, S) -> (codes (B, S/4, S/4), decoder means in pixel units (B, 3, S, S) float64), CPU."""
+def decoder_means(vqvae, images: Tensor, device: torch.device) -> tuple[list[Tensor], Tensor]:
+    """uint8 images (B, 3, S, S) -> (the code maps of each level, top first: [(B, S/4, S/4)] or [(B, S/8, S/8),
+    (B, S/4, S/4)], decoder means in pixel units (B, 3, S, S) float64), CPU."""
     codes = vqvae.encode(images.to(device).float().div(255).sub(0.5))
     mean = (vqvae.decode(codes).double() + 0.5) * 255
-    return codes.cpu(), mean.cpu()
+    return [c.cpu() for c in ([codes] if vqvae.levels == 1 else codes)], mean.cpu()
 
 
 CODE_MISMATCH_LIMIT = 0.01   # above this fraction of differing codes the codes file is not this VQ-VAE's
@@ -131,10 +139,10 @@ def check_codes_agree(differ: int, positions: int, limit: float = CODE_MISMATCH_
                       f"here", stacklevel=2)
 
 
-def decoder_term(vqvae, vq_config, data: str, val_codes: Tensor, device: torch.device, max_fit_images: int = 2000,
-                 batch_size: int = 64) -> dict:
+def decoder_term(vqvae, vq_config, data: str, val_maps: list[Tensor], device: torch.device,
+                 max_fit_images: int = 2000, batch_size: int = 64) -> dict:
     """The decoder's NLL -ln p(x | z) in nats per validation image of `data`, with sigma fitted on its training
-    images."""
+    images; `val_maps`: the codes file's validation maps of each level, top first, which z must equal."""
     splits = build_data(data, vq_config.image_size, vq_config.data_root, download=False,
                         val_fraction=vq_config.val_fraction, prepared_dir=vq_config.prepared_dir)
     # fit sigma on (an evenly spaced subset of) the training split, un-augmented
@@ -153,18 +161,19 @@ def decoder_term(vqvae, vq_config, data: str, val_codes: Tensor, device: torch.d
         if not len(images):
             continue
         codes, mean = decoder_means(vqvae, images, device)
-        stored = val_codes[start:start + len(images)].long()
-        if codes.shape != stored.shape:
-            raise CheckpointError("the validation images no longer encode to code maps of the codes file's shape "
-                                  "(the data or the VQ-VAE changed): run extract_codes.py again")
-        differ += int((codes != stored).sum())
-        positions += codes.numel()
+        for level, maps in zip(codes, val_maps):
+            stored = maps[start:start + len(images)].long()
+            if level.shape != stored.shape:
+                raise CheckpointError("the validation images no longer encode to code maps of the codes file's "
+                                      "shape (the data or the VQ-VAE changed): run extract_codes.py again")
+            differ += int((level != stored).sum())
+            positions += level.numel()
         start += len(images)
         total -= discretized_gaussian_log_prob(images, mean, sigma).sum().item()
         count += len(images)
         dims = images[0].numel()
-    if start != len(val_codes):
-        raise CheckpointError(f"the validation split has {start} images but the codes file {len(val_codes)} maps: "
+    if start != len(val_maps[0]):
+        raise CheckpointError(f"the validation split has {start} images but the codes file {len(val_maps[0])} maps: "
                               f"run extract_codes.py again")
     check_codes_agree(differ, positions)
     return {"sigma": sigma, "nats_per_image": total / count, "dims": dims, "num_images": count,
@@ -176,8 +185,9 @@ def decoder_term(vqvae, vq_config, data: str, val_codes: Tensor, device: torch.d
 
 
 def sampling_time(prior, shape: tuple[int, int], num: int = 16, runs: int = 5, labels: Tensor | None = None) -> dict:
-    """Median and all wall-clock times (seconds) of `prior.sample(num, shape)`, after one warm-up run."""
-    device = prior.embedding.weight.device
+    """Median and all wall-clock times (seconds) of `prior.sample(num, shape)`, after one warm-up run (for a 2-level
+    prior `shape` is the bottom map's, and both levels are drawn)."""
+    device = next(prior.parameters()).device
 
     def once(seed: int) -> float:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -193,10 +203,28 @@ def sampling_time(prior, shape: tuple[int, int], num: int = 16, runs: int = 5, l
             "device": str(device)}
 
 
+def bits_per_dim_terms(dec: dict, nats_per_image: dict) -> dict:
+    """The report's decoder fields and the bits/dim bound for each prior's NLL per image (nats) in `nats_per_image`."""
+    scale = 1 / (dec["dims"] * math.log(2))                           # nats per image -> bits per dimension
+    out = {"decoder_sigma": dec["sigma"], "decoder_nats_per_image": dec["nats_per_image"],
+           "decoder_bits_per_dim": dec["nats_per_image"] * scale, "dims_per_image": dec["dims"],
+           "sigma_fit_images": dec["fit_images"],
+           "bpd_prior_term": {name: nats * scale for name, nats in nats_per_image.items()}}
+    out["bits_per_dim_bound"] = {name: term + out["decoder_bits_per_dim"]
+                                 for name, term in out["bpd_prior_term"].items()}
+    return out
+
+
 def evaluate_prior(checkpoint: str, device: torch.device, bits_per_dim: bool = True, time_runs: int = 0) -> dict:
     """Everything the module docstring lists, as one dict (see `print_report`)."""
     prior, _, ckpt = load_prior(checkpoint, device)
     codes = read_codes(ckpt["codes"])
+    if code_levels(codes) != prior_levels(ckpt):
+        raise CheckpointError(f"the prior models {prior_levels(ckpt)}-level codes but its codes file {ckpt['codes']} "
+                              f"now holds {code_levels(codes)}-level codes (extracted again from another VQ-VAE): "
+                              f"extract the codes of the VQ-VAE the prior was trained on again, or train a new prior")
+    if prior_levels(ckpt) == 2:
+        return evaluate_two_levels(prior, ckpt, codes, checkpoint, device, bits_per_dim, time_runs)
     k, (h, w) = ckpt["model_args"]["num_embeddings"], ckpt["map_shape"]
     conditional = prior.num_classes > 0
     val_codes = codes["val_codes"]
@@ -214,33 +242,80 @@ def evaluate_prior(checkpoint: str, device: torch.device, bits_per_dim: bool = T
     }
     if bits_per_dim:
         vqvae = load_vqvae_for(ckpt, device)
-        dec = decoder_term(vqvae, config_from_dict(ckpt["vqvae"]["config"]), codes["data"], val_codes, device)
-        scale = 1 / (dec["dims"] * math.log(2))                       # nats per image -> bits per dimension
-        report.update({
-            "decoder_sigma": dec["sigma"], "decoder_nats_per_image": dec["nats_per_image"],
-            "decoder_bits_per_dim": dec["nats_per_image"] * scale, "dims_per_image": dec["dims"],
-            "sigma_fit_images": dec["fit_images"],
-            "bpd_prior_term": {name: nats * h * w * scale for name, nats in
-                               (("uniform", math.log(k)), ("unigram", unigram), ("pixelcnn", prior_nats))},
-        })
-        report["bits_per_dim_bound"] = {name: term + report["decoder_bits_per_dim"]
-                                        for name, term in report["bpd_prior_term"].items()}
+        dec = decoder_term(vqvae, config_from_dict(ckpt["vqvae"]["config"]), codes["data"], [val_codes], device)
+        priors = (("uniform", math.log(k)), ("unigram", unigram), ("pixelcnn", prior_nats))
+        report.update(bits_per_dim_terms(dec, {name: nats * h * w for name, nats in priors}))
     if time_runs:
         labels = class_labels(None, ckpt["classes"], 16, conditional)
         report["sampling"] = sampling_time(prior, (h, w), 16, time_runs, labels)
     return report
 
 
-def print_report(r: dict) -> None:
-    print(f"prior {r['checkpoint']} (step {r['step']}), K = {r['num_embeddings']}, {r['map_shape'][0]}x"
-          f"{r['map_shape'][1]} code maps; {r['train_maps']} training and {r['val_maps']} validation maps")
-    print("validation NLL of the codes          nats/code  bits/code")
-    for name, key in (("uniform (ln K)", "uniform"), ("unigram (train freq., on val)", "unigram"),
-                      ("val codes' own entropy", "val_entropy"), ("gated PixelCNN", "prior")):
-        nats = r[f"{key}_nats_per_code"]
-        print(f"  {name:34s} {nats:9.4f}  {nats / math.log(2):9.4f}")
-    print(f"PixelCNN vs unigram: {r['reduction_vs_unigram']:.1%} lower (floor: 25%) -> "
+def evaluate_two_levels(prior, ckpt: dict, codes: dict, checkpoint: str, device: torch.device, bits_per_dim: bool,
+                        time_runs: int) -> dict:
+    """`evaluate_prior` for a 2-level prior: each level's numbers under "top" and "bottom", then per image."""
+    k, (h, w) = ckpt["model_args"]["num_embeddings"], ckpt["map_shape"]
+    conditional = prior.num_classes > 0
+    train_maps, val_maps = level_maps(codes, "train"), level_maps(codes, "val")
+    nlls = nll_per_level(prior, val_maps, codes["val_labels"] if conditional else None, device)   # (N,) per level
+    report = {"checkpoint": checkpoint, "codes": ckpt["codes"], "step": ckpt["step"], "levels": 2, "num_embeddings": k,
+              "map_shape": [h, w], "top_map_shape": list(val_maps[0].shape[1:]), "val_maps": len(val_maps[0]),
+              "train_maps": len(train_maps[0]), "uniform_nats_per_code": math.log(k)}
+    for name, nll, train, val in zip(("top", "bottom"), nlls, train_maps, val_maps):
+        n = val.shape[1] * val.shape[2]
+        prior_nats, unigram = nll_metrics(nll, n)["nll_nats"], unigram_cross_entropy(train, val, k)
+        report[name] = {"codes_per_map": n, "prior_nats_per_code": prior_nats,
+                        "prior_bits_per_code": prior_nats / math.log(2), "unigram_nats_per_code": unigram, "unigram_bits_per_code": unigram / math.log(2),
+                        "val_entropy_nats_per_code": empirical_entropy(val, k),
+                        "reduction_vs_unigram": 1 - prior_nats / unigram}
+    per_image = {name: sum(report[level][f"{name}_nats_per_code"] * report[level]["codes_per_map"]
+                           for level in ("top", "bottom")) for name in ("prior", "unigram")}
+    report.update({"prior_nats_per_image": per_image["prior"], "unigram_nats_per_image": per_image["unigram"],
+                   "uniform_nats_per_image": math.log(k) * (report["top"]["codes_per_map"] + h * w),
+                   "reduction_vs_unigram": 1 - per_image["prior"] / per_image["unigram"]})
+    if bits_per_dim:
+        vqvae = load_vqvae_for(ckpt, device)
+        dec = decoder_term(vqvae, config_from_dict(ckpt["vqvae"]["config"]), codes["data"], val_maps, device)
+        report.update(bits_per_dim_terms(dec, {"uniform": report["uniform_nats_per_image"],
+                                               "unigram": per_image["unigram"], "pixelcnn": per_image["prior"]}))
+    if time_runs:
+        labels = class_labels(None, ckpt["classes"], 16, conditional)
+        report["sampling"] = sampling_time(prior, (h, w), 16, time_runs, labels)
+    return report
+
+
+ROWS = (("uniform (ln K)", "uniform"), ("unigram (train freq., on val)", "unigram"),
+        ("val codes' own entropy", "val_entropy"), ("gated PixelCNN", "prior"))
+
+
+def print_levels(r: dict) -> None:
+    """The NLL table of a 2-level report: each level's nats per code, then both levels per image."""
+    top, bottom = r["top_map_shape"], r["map_shape"]
+    print(f"prior {r['checkpoint']} (step {r['step']}), K = {r['num_embeddings']}, top {top[0]}x{top[1]} and "
+          f"bottom {bottom[0]}x{bottom[1]} code maps; {r['train_maps']} training and {r['val_maps']} validation "
+          f"images")
+    print("validation NLL of the codes          top nats/code  bottom nats/code (given the top map)")
+    for name, key in ROWS:
+        nats = [r["uniform_nats_per_code"]] * 2 if key == "uniform" else \
+            [r[level][f"{key}_nats_per_code"] for level in ("top", "bottom")]
+        print(f"  {name:34s} {nats[0]:13.4f}  {nats[1]:16.4f}")
+    print(f"per image, both levels: PixelCNN {r['prior_nats_per_image']:.2f} nats, unigram "
+          f"{r['unigram_nats_per_image']:.2f} nats: {r['reduction_vs_unigram']:.1%} lower (floor: 25%) -> "
           f"{'PASS' if r['reduction_vs_unigram'] >= 0.25 else 'FAIL'}")
+
+
+def print_report(r: dict) -> None:
+    if r.get("levels", 1) == 2:
+        print_levels(r)
+    else:
+        print(f"prior {r['checkpoint']} (step {r['step']}), K = {r['num_embeddings']}, {r['map_shape'][0]}x"
+              f"{r['map_shape'][1]} code maps; {r['train_maps']} training and {r['val_maps']} validation maps")
+        print("validation NLL of the codes          nats/code  bits/code")
+        for name, key in ROWS:
+            nats = r[f"{key}_nats_per_code"]
+            print(f"  {name:34s} {nats:9.4f}  {nats / math.log(2):9.4f}")
+        print(f"PixelCNN vs unigram: {r['reduction_vs_unigram']:.1%} lower (floor: 25%) -> "
+              f"{'PASS' if r['reduction_vs_unigram'] >= 0.25 else 'FAIL'}")
     if "bits_per_dim_bound" in r:
         print(f"decoder term: discretised Gaussian, sigma = {r['decoder_sigma']:.3f} levels (fitted on "
               f"{r['sigma_fit_images']} training images): {r['decoder_bits_per_dim']:.4f} bits/dim")
@@ -252,7 +327,8 @@ def print_report(r: dict) -> None:
     if "sampling" in r:
         s = r["sampling"]
         where = "cpu (one thread, as sample() runs there)" if s["device"] == "cpu" else s["device"]
-        print(f"sampling {s['num']} maps of {s['shape'][0]}x{s['shape'][1]} on {where}: "
+        maps = "bottom maps (with their top maps)" if r.get("levels", 1) == 2 else "maps"
+        print(f"sampling {s['num']} {maps} of {s['shape'][0]}x{s['shape'][1]} on {where}: "
               f"median {s['median_s']:.2f} s of {len(s['times_s'])} runs (floor: 10 s) -> "
               f"{'PASS' if s['median_s'] < 10 else 'FAIL'}")
 

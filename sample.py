@@ -8,6 +8,10 @@ prior names (`--vqvae` points elsewhere if it has moved). Codes are drawn positi
 softmax(logits / temperature); the same --seed on the same device gives the same images. For a class-conditional
 prior, --class picks the class (its name or index); without it the samples go through the classes in turn.
 The images are written as one PNG grid, `--nrow` per row.
+
+A 2-level prior (train_prior.py on the codes of a `--levels 2` VQ-VAE; arXiv 1906.00446) draws the top map first,
+then the bottom map given it, both at --temperature and for the same --class, and the VQ-VAE-2 decodes the pair,
+decode((top, bottom)). The VQ-VAE must have the prior's number of levels.
 """
 from __future__ import annotations
 
@@ -21,24 +25,30 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_checkpoint
+from hierarchy import VQVAE2
 from models import VQVAE
-from prior import GatedPixelCNN
 from runs import (CheckpointError, ConfigError, atomic_write, pick_device, require_at_least, require_positive, run_cli,
                   script_parser)
-from train_prior import load_prior
+from train_prior import Prior, load_prior, prior_levels
 
 
-def load_vqvae_for(prior_ckpt: dict, device: torch.device, override: str | None = None) -> VQVAE:
-    """The VQ-VAE whose codes the prior models (or `override`), in eval mode; its codebook size must match."""
+def load_vqvae_for(prior_ckpt: dict, device: torch.device, override: str | None = None) -> VQVAE | VQVAE2:
+    """The VQ-VAE whose codes the prior models (or `override`), in eval mode; its number of levels and its codebook
+    size must match the prior's."""
     named = prior_ckpt["vqvae"]["checkpoint"]
     path = Path(override).expanduser() if override else Path(named)
     if not path.is_file():
         hint = "" if override else ": it has moved or was deleted; pass --vqvae with its checkpoint.pt"
         raise CheckpointError(f"the VQ-VAE checkpoint {path} does not exist{hint}")
     vqvae, _, ckpt = load_checkpoint(path, device)
+    levels = prior_levels(prior_ckpt)
+    if vqvae.levels != levels:
+        raise CheckpointError(f"{path} is a {vqvae.levels}-level VQ-VAE but the prior models {levels}-level codes: "
+                              f"pass --vqvae with the checkpoint.pt of a {levels}-level VQ-VAE (train.py --levels "
+                              f"{levels}), the one the prior was trained on ({named})")
     k = prior_ckpt["model_args"]["num_embeddings"]
-    if vqvae.quantizer.num_embeddings != k:
-        raise CheckpointError(f"{path} has {vqvae.quantizer.num_embeddings} codes but the prior models {k}: pass "
+    if vqvae.quantizers[0].num_embeddings != k:
+        raise CheckpointError(f"{path} has {vqvae.quantizers[0].num_embeddings} codes but the prior models {k}: pass "
                               f"the VQ-VAE the prior was trained on ({named})")
     if ckpt["config"] != prior_ckpt["vqvae"]["config"] or ckpt["step"] != prior_ckpt["vqvae"]["step"]:
         warnings.warn(f"{path} is not the VQ-VAE the prior was trained on ({named}, step "
@@ -66,15 +76,22 @@ def class_labels(choice: str | None, classes: list[str], num: int, conditional: 
 
 
 @torch.no_grad()
-def generate(prior: GatedPixelCNN, vqvae: VQVAE, num: int, shape: tuple[int, int], temperature: float = 1.0,
-             labels: torch.Tensor | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def generate(prior: Prior, vqvae: VQVAE | VQVAE2, num: int, shape: tuple[int, int], temperature: float = 1.0,
+             labels: torch.Tensor | None = None, seed: int = 0) -> tuple[torch.Tensor | tuple, torch.Tensor]:
     """Draw `num` code maps from the prior and decode them: (codes (num, h, w), images (num, 3, 4h, 4w) in [0, 1]),
-    both on the CPU."""
-    device = prior.embedding.weight.device
+    both on the CPU. For a 2-level prior `shape` is the bottom map's and codes is the pair (top (num, h/2, w/2),
+    bottom (num, h, w)), decoded together."""
+    device = next(prior.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    codes = prior.sample(num, shape, temperature, labels, generator)                 # (num, h, w)
-    images = (vqvae.decode(codes.to(next(vqvae.parameters()).device)).float() + 0.5).clamp(0, 1)
-    return codes.cpu(), images.cpu()
+    codes = prior.sample(num, shape, temperature, labels, generator)                 # (num, h, w), or (top, bottom)
+    on_vqvae = next(vqvae.parameters()).device
+    if prior.levels == 2:
+        images = vqvae.decode(tuple(c.to(on_vqvae) for c in codes))
+        codes = tuple(c.cpu() for c in codes)
+    else:
+        images = vqvae.decode(codes.to(on_vqvae))
+        codes = codes.cpu()
+    return codes, (images.float() + 0.5).clamp(0, 1).cpu()
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> None:
@@ -122,7 +139,8 @@ def draw(args: argparse.Namespace) -> int:
         save_grid(images, out, args.nrow or math.ceil(math.sqrt(args.num)))
     except OSError as err:
         raise ConfigError(f"cannot write --out {out}: {err.strerror or err}") from None
-    print(f"wrote {out}: {args.num} images of {images.shape[-1]}x{images.shape[-2]} from {tuple(codes.shape[1:])} "
+    maps = " and ".join(str(tuple(c.shape[1:])) for c in (codes if prior.levels == 2 else [codes]))
+    print(f"wrote {out}: {args.num} images of {images.shape[-1]}x{images.shape[-2]} from {maps} "
           f"code maps (seed {args.seed}, temperature {args.temperature}) in {seconds:.1f} s")
     return 0
 

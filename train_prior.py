@@ -17,6 +17,14 @@ y), averaged over codes (nats per code). The run folder (`--out`) receives:
 
 Validation runs in float32 (whatever --amp says for training) over every validation map of the codes file and reports
 the NLL in nats and bits per code. The VQ-VAE itself is never loaded here: the prior sees only the codes file.
+
+A codes file of a 2-level VQ-VAE (hierarchy.VQVAE2; the file's `levels` is 2) trains the two priors of VQ-VAE-2
+(hierarchical_prior.HierarchicalPrior, arXiv 1906.00446): the top prior over the top maps (with --attention, one
+causal self-attention block) and the bottom prior over the bottom maps, conditioned on the top map. Both are one
+model with one optimizer, in the same run folder and the same checkpoint.pt (`levels` 2, `map_shape` the bottom
+map's, `top_map_shape`); the objective is the sum of the two levels' NLLs per code. Its records give each level's
+NLL per code (`top_nll_nats`, `bottom_nll_nats`, and in bits) and `nll_nats_per_image`, -log p(z_top, z_bottom | y)
+of one image's two maps, in nats.
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ import torch.nn.functional as F
 
 from extract_codes import read_codes
 from image_data import StepBatchSampler
+from hierarchical_prior import HierarchicalPrior
 from prior import GatedPixelCNN
 from runs import (TENSORBOARD_FILES, CheckpointError, ConfigError, Interrupted, MetricsLog, StopOnSignal,
                   amp_dtype_for, atomic_save, autocast, open_run_folder, parse_args, pick_device, read_plain_file,
@@ -53,6 +62,10 @@ class PriorConfig:
     kernel_size: int = 5            # k (odd): vertical convolutions are (k//2 + 1) x k, horizontal 1 x (k//2 + 1)
     dropout: float = 0.1            # dropout on the horizontal stack's gated output
     conditional: bool = True        # condition on the class labels when the codes file has classes (eq. 4)
+    attention: bool = False         # one causal self-attention block (the top prior of a 2-level codes file)
+    heads: int = 4                  # attention heads (channels must be a multiple)
+    cond_channels: int = 32         # 2-level codes only: width of the bottom prior's conditioning stack on the top map
+    cond_blocks: int = 2            # 2-level codes only: residual blocks of that stack at the top resolution
     # optimisation
     steps: int = 2000               # optimizer steps in total (a resumed run continues up to this number)
     batch_size: int = 32            # code maps per step
@@ -71,14 +84,17 @@ class PriorConfig:
     tensorboard: bool = False       # also write TensorBoard event files into --out (tensorboard --logdir runs)
 
 
-MODEL_FIELDS = ("channels", "num_layers", "kernel_size", "dropout", "conditional")
+MODEL_FIELDS = ("channels", "num_layers", "kernel_size", "dropout", "conditional", "attention", "heads",
+                "cond_channels", "cond_blocks")
+Prior = GatedPixelCNN | HierarchicalPrior
 
 
 class TrainPriorResult(NamedTuple):
-    """model: the trained prior (eval mode); history: every metrics.jsonl record; final: last validation metrics
-    (nll_nats, nll_bits per code); out: the run folder."""
+    """model: the trained prior (eval mode; a HierarchicalPrior for 2-level codes); history: every metrics.jsonl
+    record; final: last validation metrics (nll_nats, nll_bits per code; for 2 levels top_/bottom_nll_nats,
+    top_/bottom_nll_bits and nll_nats_per_image); out: the run folder."""
 
-    model: GatedPixelCNN
+    model: Prior
     history: list[dict]
     final: dict
     out: Path
@@ -98,12 +114,30 @@ def check_config(c: PriorConfig) -> None:
         raise ConfigError(f"--dropout must be in [0, 1), got {c.dropout}")
     if c.amp not in ("auto", "bf16", "off"):
         raise ConfigError(f"--amp must be auto, bf16 or off, got {c.amp!r}")
+    require_at_least("heads", c.heads)
+    require_at_least("cond-channels", c.cond_channels)
+    require_at_least("cond-blocks", c.cond_blocks, 0)
+    if c.attention and c.num_layers < 2:
+        raise ConfigError(f"--attention sits between gated layers: --num-layers must be at least 2, got "
+                          f"{c.num_layers}")
+    if c.attention and c.channels % c.heads:
+        raise ConfigError(f"--channels ({c.channels}) must be a multiple of --heads ({c.heads}) with --attention")
 
 
-def model_args(c: PriorConfig, num_embeddings: int, classes: list[str]) -> dict:
-    """The keyword arguments of GatedPixelCNN for this config and codes file."""
-    return {"num_embeddings": num_embeddings, "num_classes": len(classes) if c.conditional else 0,
+def model_args(c: PriorConfig, num_embeddings: int, classes: list[str], levels: int = 1) -> dict:
+    """The keyword arguments of GatedPixelCNN (1 level) or HierarchicalPrior (2) for this config and codes file."""
+    args = {"num_embeddings": num_embeddings, "num_classes": len(classes) if c.conditional else 0,
             "channels": c.channels, "num_layers": c.num_layers, "kernel_size": c.kernel_size, "dropout": c.dropout}
+    if c.attention:
+        args.update(attention=True, heads=c.heads)
+    if levels == 2:
+        args.update(attention=c.attention, heads=c.heads, cond_channels=c.cond_channels, cond_blocks=c.cond_blocks)
+    return args
+
+
+def build_prior(args: dict, levels: int = 1) -> Prior:
+    """The prior that `model_args` describes."""
+    return HierarchicalPrior(**args) if levels == 2 else GatedPixelCNN(**args)
 
 
 def read_prior_checkpoint(path: str | Path) -> dict:
@@ -116,10 +150,16 @@ def config_from_dict(d: dict) -> PriorConfig:
     return PriorConfig(**{k: v for k, v in d.items() if k in known})
 
 
-def load_prior(path: str | Path, device: torch.device | str = "cpu") -> tuple[GatedPixelCNN, PriorConfig, dict]:
-    """Rebuild the prior from a checkpoint file alone: (model in eval mode on `device`, its config, the dict)."""
+def prior_levels(ckpt: dict) -> int:
+    """1 or 2: the code levels a prior checkpoint models (checkpoints written before 2 levels existed: 1)."""
+    return ckpt.get("levels", 1)
+
+
+def load_prior(path: str | Path, device: torch.device | str = "cpu") -> tuple[Prior, PriorConfig, dict]:
+    """Rebuild the prior from a checkpoint file alone: (model in eval mode on `device`, its config, the dict); a
+    GatedPixelCNN, or a HierarchicalPrior for a 2-level checkpoint."""
     ckpt = read_prior_checkpoint(path)
-    model = GatedPixelCNN(**ckpt["model_args"])
+    model = build_prior(ckpt["model_args"], prior_levels(ckpt))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
@@ -129,9 +169,14 @@ def load_prior(path: str | Path, device: torch.device | str = "cpu") -> tuple[Ga
     return model.to(device).eval(), config_from_dict(ckpt["config"]), ckpt
 
 
-def prepare_out(c: PriorConfig) -> tuple[Path, dict | None]:
-    """The prior's run folder and the checkpoint to resume from (see runs.open_run_folder)."""
+def prepare_out(c: PriorConfig, levels: int = 1) -> tuple[Path, dict | None]:
+    """The prior's run folder and the checkpoint to resume from (see runs.open_run_folder); `levels`: the codes
+    file's."""
     def check(ckpt: dict, ckpt_path: Path) -> None:
+        if prior_levels(ckpt) != levels:
+            raise CheckpointError(f"{ckpt_path} is a prior of {prior_levels(ckpt)}-level codes but --codes {c.codes} "
+                                  f"holds {levels}-level codes: resume with the codes file it was trained on or use "
+                                  f"another --out")
         saved = config_from_dict(ckpt["config"])
         for name in (*MODEL_FIELDS, "batch_size", "seed"):
             if getattr(saved, name) != getattr(c, name):
@@ -151,19 +196,28 @@ def prepare_out(c: PriorConfig) -> tuple[Path, dict | None]:
 
 
 @torch.no_grad()
+def nll_per_level(model: Prior, maps: list[torch.Tensor], labels: torch.Tensor | None, device: torch.device,
+                  batch_size: int = 256) -> list[torch.Tensor]:
+    """-log p of each map of each level in nats: `maps` [codes (N, h, w)] for a GatedPixelCNN, [top, bottom] for a
+    HierarchicalPrior (the bottom level's given the top map) -> one (N,) float64 CPU tensor per level. Eval mode,
+    float32; the model is left in its previous mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(maps[0]), batch_size):
+        zs = [m[start:start + batch_size].to(device).long() for m in maps]              # (B, h, w) per level
+        y = labels[start:start + batch_size].to(device) if labels is not None else None
+        nll = model.nll(*zs, y)
+        out.append([n.double().cpu() for n in ((nll,) if model.levels == 1 else nll)])
+    model.train(was_training)
+    return [torch.cat(level) for level in zip(*out)]
+
+
 def nll_per_map(model: GatedPixelCNN, codes: torch.Tensor, labels: torch.Tensor | None, device: torch.device,
                 batch_size: int = 256) -> torch.Tensor:
     """-log p(z | y) in nats for each map of `codes` (N, h, w): (N,) float64 on the CPU. Eval mode, float32;
     the model is left in its previous mode."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(codes), batch_size):
-        z = codes[start:start + batch_size].to(device).long()                          # (B, h, w)
-        y = labels[start:start + batch_size].to(device) if labels is not None else None
-        out.append(model.nll(z, y).double().cpu())
-    model.train(was_training)
-    return torch.cat(out)
+    return nll_per_level(model, [codes], labels, device, batch_size)[0]
 
 
 def nll_metrics(nll: torch.Tensor, codes_per_map: int) -> dict:
@@ -172,8 +226,31 @@ def nll_metrics(nll: torch.Tensor, codes_per_map: int) -> dict:
     return {"nll_nats": nats, "nll_bits": nats / math.log(2)}
 
 
+def level_metrics(nlls: list[torch.Tensor], codes_per_map: list[int]) -> dict:
+    """Per-map NLLs of each level (nats) -> nll_nats, nll_bits per code for one level; for two, each level's
+    (top_nll_nats, ..., bottom_nll_bits) and nll_nats_per_image, the mean over images of both levels' sum."""
+    if len(nlls) == 1:
+        return nll_metrics(nlls[0], codes_per_map[0])
+    out = {}
+    for name, nll, n in zip(("top", "bottom"), nlls, codes_per_map):
+        out.update({f"{name}_{k}": v for k, v in nll_metrics(nll, n).items()})
+    out["nll_nats_per_image"] = (nlls[0] + nlls[1]).mean().item()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training
+
+
+def code_levels(codes: dict) -> int:
+    """1 or 2: the levels of a codes file (files written before 2-level VQ-VAEs existed have no `levels`: 1)."""
+    return codes.get("levels", 1)
+
+
+def level_maps(codes: dict, split: str) -> list[torch.Tensor]:
+    """The maps of `split` ("train" or "val") of each level, top first: [codes] or [top, bottom]."""
+    bottom = codes[f"{split}_codes"]
+    return [codes[f"{split}_codes_top"], bottom] if code_levels(codes) == 2 else [bottom]
 
 
 def load_codes(path: str | Path, conditional: bool) -> tuple[dict, torch.Tensor | None, torch.Tensor | None]:
@@ -181,8 +258,23 @@ def load_codes(path: str | Path, conditional: bool) -> tuple[dict, torch.Tensor 
     codes = read_codes(path)
     if len(codes["train_codes"]) == 0 or len(codes["val_codes"]) == 0:
         raise ConfigError(f"{path} holds no training or no validation maps: extract codes from a larger dataset")
+    levels = code_levels(codes)
+    if levels not in (1, 2):
+        raise CheckpointError(f"{path} holds {levels}-level codes: only 1 (VQ-VAE) and 2 (VQ-VAE-2) are known")
+    if levels == 2:
+        for split in ("train", "val"):
+            top, bottom = level_maps(codes, split) if f"{split}_codes_top" in codes else (None, None)
+            if top is None or len(top) != len(bottom) or (2 * top.shape[1], 2 * top.shape[2]) != bottom.shape[1:]:
+                raise CheckpointError(f"{path} says 2 levels but its {split} top maps are missing or not half the "
+                                      f"bottom maps' size: run extract_codes.py again")
     use_labels = conditional and len(codes["classes"]) > 0
     return (codes, codes["train_labels"] if use_labels else None, codes["val_labels"] if use_labels else None)
+
+
+def level_logits(model: Prior, zs: list[torch.Tensor], labels: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The logits of each level for a batch of maps (one per level, top first), each (B, K, h, w); for two levels
+    the bottom level's are those of p(z_bottom | z_top, y)."""
+    return (model(*zs, labels),) if model.levels == 1 else tuple(model(*zs, labels))
 
 
 def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = None) -> TrainPriorResult:
@@ -194,15 +286,20 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
     device = pick_device(c.device)
     amp_dtype = amp_dtype_for(c.amp, device)
     codes, train_labels, val_labels = load_codes(c.codes, c.conditional)
-    out, resume_from = prepare_out(c)
+    levels = code_levels(codes)
+    defaults = PriorConfig()
+    if levels == 1 and (c.cond_channels, c.cond_blocks) != (defaults.cond_channels, defaults.cond_blocks):
+        raise ConfigError(f"--cond-channels and --cond-blocks shape the bottom prior of 2-level codes, but {c.codes} "
+                          f"holds 1-level codes: leave them out, or extract codes from a --levels 2 VQ-VAE")
+    out, resume_from = prepare_out(c, levels)
     torch.manual_seed(c.seed)
 
-    train_codes = codes["train_codes"].to(device)                  # (N, h, w), uint8 or int16
-    val_codes = codes["val_codes"]
-    map_shape = tuple(train_codes.shape[1:])
-    codes_per_map = map_shape[0] * map_shape[1]
-    args = model_args(c, codes["num_embeddings"], codes["classes"])
-    model = GatedPixelCNN(**args).to(device)
+    train_maps = [m.to(device) for m in level_maps(codes, "train")]   # (N, h, w) per level, uint8 or int16
+    val_maps = level_maps(codes, "val")
+    map_shape = tuple(train_maps[-1].shape[1:])                       # the bottom level's for 2 levels
+    codes_per_map = [m.shape[1] * m.shape[2] for m in train_maps]
+    args = model_args(c, codes["num_embeddings"], codes["classes"], levels)
+    model = build_prior(args, levels).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
     start_step, elapsed = 0, 0.0
     if resume_from is not None:
@@ -213,15 +310,17 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
     (out / "config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
     if train_labels is not None:
         train_labels = train_labels.to(device)
-    sampler = StepBatchSampler(len(train_codes), c.batch_size, c.seed)
+    sampler = StepBatchSampler(len(train_maps[0]), c.batch_size, c.seed)
 
     def checkpoint(step: int, metrics: dict | None = None) -> None:
         atomic_save({
             "format": CHECKPOINT_FORMAT,
             "config": asdict(c),
+            "levels": levels,
             "model_args": args,
             "classes": list(codes["classes"]),
             "map_shape": list(map_shape),
+            **({"top_map_shape": list(train_maps[0].shape[1:])} if levels == 2 else {}),
             "codes": str(Path(c.codes).expanduser().resolve()),
             "vqvae": {"checkpoint": codes["vqvae_checkpoint"], "config": codes["vqvae_config"],
                       "step": codes["vqvae_step"]},
@@ -229,7 +328,7 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
         }, out / "checkpoint.pt")
 
     def validate() -> dict:
-        return nll_metrics(nll_per_map(model, val_codes, val_labels, device), codes_per_map)
+        return level_metrics(nll_per_level(model, val_maps, val_labels, device), codes_per_map)
 
     ctx = autocast(device, amp_dtype)
     final: dict = dict(resume_from["metrics"]) if resume_from is not None else {}
@@ -237,47 +336,47 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
         print(f"{out} is already at step {start_step} of {c.steps}: raise --steps to train further")
     bar = tqdm(total=c.steps, initial=start_step, desc="training prior", disable=not c.progress, dynamic_ncols=True)
     pending: list[torch.Tensor] = []
-    total, since_log, tick = 0.0, 0, time.perf_counter()
+    totals, since_log, tick = [0.0] * levels, 0, time.perf_counter()
     model.train()
     step = start_step
     with StopOnSignal() as stop, closing(metrics):
         while step < c.steps:
             index = torch.tensor([i for i, _ in sampler.batch_for_step(step)], device=device)
-            z = train_codes[index].long()                                       # (B, h, w)
+            zs = [m[index].long() for m in train_maps]                          # (B, h, w) per level
             y = train_labels[index] if train_labels is not None else None
             with ctx:
-                logits = model(z, y)                                            # (B, K, h, w)
-            loss = F.cross_entropy(logits.float(), z)                           # nats per code
+                logits = level_logits(model, zs, y)                             # (B, K, h, w) per level
+            losses = [F.cross_entropy(l.float(), z) for l, z in zip(logits, zs)]   # nats per code, per level
+            loss = sum(losses[1:], losses[0])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
             since_log += 1
-            pending.append(loss.detach())
+            pending.append(torch.stack(losses).detach())                        # (levels,)
             bar.update(1)
             evaluate_now = step % c.eval_every == 0 or step == c.steps
             if len(pending) == 10 or step % c.log_every == 0 or evaluate_now:
-                block = torch.stack(pending).double().cpu()
+                block = torch.stack(pending).double().cpu()                     # (n, levels)
                 if not torch.isfinite(block).all():
                     raise FloatingPointError(f"the loss became {block[~torch.isfinite(block)][0].item()} near "
                                              f"step {step}")
-                total += block.sum().item()
+                totals = [t + block[:, l].sum().item() for l, t in enumerate(totals)]
                 pending.clear()
-                bar.set_postfix(nll=f"{total / since_log:.3f}", refresh=False)
+                bar.set_postfix(nll=" ".join(f"{t / since_log:.3f}" for t in totals), refresh=False)
             if step % c.log_every == 0 or evaluate_now:
                 now = time.perf_counter()
                 elapsed += now - tick
-                record = {"step": step, "nll_nats": total / since_log, "nll_bits": total / since_log / math.log(2),
+                record = {"step": step, **train_record(totals, since_log, codes_per_map),
                           "maps_per_s": since_log * c.batch_size / max(now - tick, 1e-9),
                           "elapsed_s": round(elapsed, 2)}
                 if evaluate_now:
                     final = validate()
                     record.update({f"val_{k}": v for k, v in final.items()})
                     checkpoint(step, final)
-                    bar.write(f"step {step}: val NLL {final['nll_nats']:.4f} nats/code "
-                              f"({final['nll_bits']:.4f} bits/code)")
+                    bar.write(f"step {step}: val NLL {summary(final)}")
                 metrics.log(record)
-                total, since_log, tick = 0.0, 0, time.perf_counter()
+                totals, since_log, tick = [0.0] * levels, 0, time.perf_counter()
             if stop.signum is not None:
                 bar.close()
                 checkpoint(step, final)
@@ -289,13 +388,32 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
     return TrainPriorResult(model.eval(), metrics.history, final, out)
 
 
+def train_record(totals: list[float], steps: int, codes_per_map: list[int]) -> dict:
+    """The training fields of a metrics record from each level's summed per-code NLL over `steps` steps."""
+    if len(totals) == 1:
+        return {"nll_nats": totals[0] / steps, "nll_bits": totals[0] / steps / math.log(2)}
+    out = {}
+    for name, total in zip(("top", "bottom"), totals):
+        out.update({f"{name}_nll_nats": total / steps, f"{name}_nll_bits": total / steps / math.log(2)})
+    out["nll_nats_per_image"] = sum(t / steps * n for t, n in zip(totals, codes_per_map))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 
 
+def summary(final: dict) -> str:
+    """Validation metrics in words: one level's NLL per code, or each level's and the NLL per image."""
+    if "nll_nats" in final:
+        return f"{final['nll_nats']:.4f} nats/code ({final['nll_bits']:.4f} bits/code)"
+    return (f"top {final['top_nll_nats']:.4f}, bottom {final['bottom_nll_nats']:.4f} nats/code; "
+            f"{final['nll_nats_per_image']:.2f} nats/image")
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_training_cli(train_prior, parse_args(argv, PriorConfig), lambda r: (
-        f"done: {r.out} | val NLL {r.final['nll_nats']:.4f} nats/code ({r.final['nll_bits']:.4f} bits/code)"))
+        f"done: {r.out} | val NLL {summary(r.final)}"))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Draw the VQ-VAE architecture (arXiv 1711.00937) as train.py builds it with its default config (`Config()`).
+"""Draw the VQ-VAE (arXiv 1711.00937) or, with --levels 2, VQ-VAE-2 (arXiv 1906.00446) architecture from the code.
+
+The models are the ones train.py builds with its default config: `Config()` (models.VQVAE) and `Config(levels=2)`
+(hierarchy.VQVAE2, figure 2a of the VQ-VAE-2 paper).
 
 The picture is generated from the code, not drawn by hand: the script builds the model, runs one forward pass
 on a 1x3x64x64 image (the scikit-image astronaut photo, when available) and records with forward hooks the
@@ -8,14 +11,21 @@ defaults in models.py changes the picture. Left to right: input image -> encoder
 (K codes of dimension D, nearest code by eq. 1) -> z_q(x) -> decoder -> reconstruction, with the
 straight-through gradient drawn as a dashed arrow from z_q(x) back to z_e(x).
 
+The 2-level picture is traced the same way on a 1x3x128x128 image, the size VQ-VAE-2 is for, in two rows as
+VQVAE2.forward computes it. Bottom row: x -> bottom encoder -> h_b -> join (a 1x1 convolution over
+[h_b, top decoder output]) -> z_bottom -> bottom quantizer -> e_bottom -> [upsample_top(e_top), e_bottom] ->
+decoder -> reconstruction. Top row, fed by h_b: top encoder -> z_top -> top quantizer -> e_top -> top decoder,
+whose output runs back down to the join.
+
 Regenerate from the repository root:
-    python model_visualisation/draw_architecture.py [--out model_visualisation/vqvae.png]
+    python model_visualisation/draw_architecture.py [--levels 2] [--out model_visualisation/vqvae.png]
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -28,11 +38,15 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpoint import Config, build_model  # noqa: E402
-from models import VQVAE, ModernResidualBlock, ResidualStack, SelfAttention  # noqa: E402
+from hierarchy import VQVAE2  # noqa: E402
+from models import VQVAE, ModernResidualBlock, ResidualStack, SelfAttention, VQOutput  # noqa: E402
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "vqvae.png"
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = {1: HERE / "vqvae.png", 2: HERE / "vqvae2.png"}   # by --levels
+IMAGE_SIZE = {1: 64, 2: 128}                                      # the input traced, by --levels
 ENC, DEC, VQ, GREY = "#dbe8f6", "#dcf0dc", "#fbe3c8", "#eeeeee"
-Y = 2.45  # the centre line of the flow, in inches from the bottom of the 16 x 5 inch canvas
+Y = 2.45  # the centre line of the 1-level flow, in inches from the bottom of the 16 x 5 inch canvas
+BW, GAP, TW, VW = 0.86, 0.17, 0.62, 2.3  # widths of a layer box, an arrow, a latent tensor, a quantizer
 
 
 def shape_str(shape: tuple[int, ...]) -> str:
@@ -72,47 +86,93 @@ def describe(module: nn.Module) -> list[str]:
     return [type(module).__name__]
 
 
-Record = tuple[str, nn.Module, tuple[int, ...]]  # (name, module, output shape)
+class Record(NamedTuple):
+    """One hooked module as the forward pass ran it."""
+
+    name: str                      # its attribute name (a ModuleList's layers numbered: up0, up1)
+    module: nn.Module
+    shape: tuple[int, ...]         # its output's shape (a quantizer's: the quantized map's)
+    in_shape: tuple[int, ...]      # its first input's shape
+    indices: tuple[int, ...] = ()  # a quantizer's code map, (B, h, w)
 
 
-def trace(model: VQVAE, x: torch.Tensor) -> tuple[list[Record], list[Record], tuple[int, ...], tuple[int, ...]]:
-    """One forward pass with hooks: encoder layers and decoder layers as (name, module, output shape) in the
-    order they ran, the quantizer's output shape and the indices' shape."""
-    records: dict[str, list[Record]] = {"encoder": [], "decoder": []}
-    hooks = []
-    for part in records:
-        for name, module in getattr(model, part).named_children():
-            # a ModuleList (the extra down- or upsampling convolutions) is not called itself: hook its layers
-            for sub, layer in (module.named_children() if isinstance(module, nn.ModuleList) else [("", module)]):
-                hooks.append(layer.register_forward_hook(
-                    lambda m, i, o, part=part, name=f"{name}{sub}": records[part].append((name, m, tuple(o.shape)))))
-    vq_shapes: list[tuple] = []
-    hooks.append(model.quantizer.register_forward_hook(
-        lambda m, i, o: vq_shapes.append((tuple(o.quantized.shape), tuple(o.indices.shape)))))
+Parts = dict[str, list[tuple[str, nn.Module]]]  # part -> the (name, module) pairs to hook
+
+
+def layers(part: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The top-level layers of `part` as (name, layer); a ModuleList (the extra down- or upsampling convolutions)
+    is not called itself, so its layers stand in its place."""
+    return [(f"{name}{sub}", layer) for name, module in part.named_children()
+            for sub, layer in (module.named_children() if isinstance(module, nn.ModuleList) else [("", module)])]
+
+
+def parts_of(model: VQVAE | VQVAE2) -> Parts:
+    """What the picture shows of `model`: each stage's layers, each quantizer and each single module, and for
+    VQVAE2 the decoder itself under "concat" (its input is [upsample_top(e_top), e_bottom])."""
+    if not isinstance(model, VQVAE2):
+        return {"encoder": layers(model.encoder), "quantizer": [("quantizer", model.quantizer)],
+                "decoder": layers(model.decoder)}
+    parts = {name: layers(getattr(model, name)) for name in ("encoder", "top_encoder", "top_decoder", "decoder")}
+    parts.update({name: [(name, getattr(model, name))]
+                  for name in ("top_quantizer", "join", "bottom_quantizer", "upsample_top")})
+    parts["concat"] = [("decoder", model.decoder)]
+    return parts
+
+
+def trace(model: nn.Module, x: torch.Tensor, parts: Parts) -> dict[str, list[Record]]:
+    """One forward pass with hooks on every module of `parts`: each part's Records in the order they ran."""
+    records: dict[str, list[Record]] = {part: [] for part in parts}
+
+    def hook(part: str, name: str):
+        def record(m: nn.Module, inputs: tuple, o) -> None:
+            if isinstance(o, VQOutput):
+                shape, indices = tuple(o.quantized.shape), tuple(o.indices.shape)
+            else:
+                shape, indices = tuple(o.shape), ()
+            records[part].append(Record(name, m, shape, tuple(inputs[0].shape), indices))
+        return record
+
+    hooks = [module.register_forward_hook(hook(part, name)) for part, pairs in parts.items() for name, module in pairs]
     model.eval()
     with torch.no_grad():
         model(x)
     for h in hooks:
         h.remove()
-    return records["encoder"], records["decoder"], vq_shapes[0][0], vq_shapes[0][1]
+    return records
 
 
-def box(ax: plt.Axes, x: float, w: float, h: float, color: str, lines: list[str]) -> None:
-    """A rounded box of width w and height h centred on the flow line, one text line per entry (first bold)."""
-    ax.add_patch(FancyBboxPatch((x, Y - h / 2), w, h, boxstyle="round,pad=0,rounding_size=0.08",
+def height(shape: tuple[int, ...], ref: int) -> float:
+    """A box is taller the larger its feature map (ref: the width of the code map, drawn 1.25 tall)."""
+    return min(2.6, 1.25 + 0.35 * float(np.log2(shape[-1] / ref)))
+
+
+def box(ax: plt.Axes, x: float, w: float, h: float, color: str, lines: list[str], y: float = Y) -> None:
+    """A rounded box of width w and height h centred on the flow line y, one text line per entry (first bold)."""
+    ax.add_patch(FancyBboxPatch((x, y - h / 2), w, h, boxstyle="round,pad=0,rounding_size=0.08",
                                 fc=color, ec="#555555", lw=1.0))
     for i, line in enumerate(lines):
-        ax.text(x + w / 2, Y + 0.18 * ((len(lines) - 1) / 2 - i), line, ha="center", va="center", fontsize=8,
+        ax.text(x + w / 2, y + 0.18 * ((len(lines) - 1) / 2 - i), line, ha="center", va="center", fontsize=8,
                 fontweight="bold" if i == 0 else "normal")
 
 
-def arrow(ax: plt.Axes, x0: float, x1: float) -> None:
-    ax.annotate("", xy=(x1, Y), xytext=(x0, Y), arrowprops=dict(arrowstyle="-|>", color="#333333", lw=1.2))
+def arrow(ax: plt.Axes, x0: float, x1: float, y: float = Y) -> None:
+    ax.annotate("", xy=(x1, y), xytext=(x0, y), arrowprops=dict(arrowstyle="-|>", color="#333333", lw=1.2))
 
 
-def tensor_node(ax: plt.Axes, x: float, side: float, name: str, shape: tuple[int, ...]) -> None:
+def route(ax: plt.Axes, points: list[tuple[float, float]], color: str = "#333333", ls: str = "-",
+          shrink: float = 2) -> None:
+    """A polyline through points with an arrowhead on its last segment (shrink: points short of the end);
+    dashed lines are drawn a little heavier."""
+    lw = 1.3 if ls == "--" else 1.2
+    if len(points) > 2:
+        ax.plot(*zip(*points[:-1]), color=color, lw=lw, ls=ls)
+    ax.annotate("", xy=points[-1], xytext=points[-2],
+                arrowprops=dict(arrowstyle="-|>", color=color, lw=lw, ls=ls, shrinkA=0, shrinkB=shrink))
+
+
+def tensor_node(ax: plt.Axes, x: float, side: float, name: str, shape: tuple[int, ...], y: float = Y) -> None:
     """A latent tensor as an h x w grid of D-dimensional vectors, with its name above and shape below."""
-    bottom, top, (gh, gw) = Y - side / 2, Y + side / 2, shape[2:]
+    bottom, top, (gh, gw) = y - side / 2, y + side / 2, shape[2:]
     ax.add_patch(Rectangle((x, bottom), side, side, fc="#f7f2fb", ec="#6a3d9a", lw=1.2))
     for k in range(1, gw):
         ax.plot([x + side * k / gw] * 2, [bottom, top], color="#6a3d9a", lw=0.3, alpha=0.5)
@@ -122,100 +182,213 @@ def tensor_node(ax: plt.Axes, x: float, side: float, name: str, shape: tuple[int
     ax.text(x + side / 2, bottom - 0.12, shape_str(shape), ha="center", va="top", fontsize=8.5)
 
 
-def draw(model: VQVAE, out: Path, image_size: int = 64) -> Path:
-    """Trace `model` on one image_size x image_size sample and write the architecture picture to `out`."""
-    x = sample_image(image_size)
-    enc, dec, zq_shape, idx_shape = trace(model, x)
-    q = model.quantizer
-    bw, gap, tw, vw, y = 0.86, 0.17, 0.62, 2.3, Y        # box, arrow, latent, quantizer widths; centre line
-    total = 1.1 + (len(enc) + len(dec)) * (gap + bw) + 2 * (gap + tw) + (gap + vw) + (gap + 1.0)
-    width = max(16.0, total + 0.3)                        # a deeper model widens the canvas, keeping the aspect
-    fig = plt.figure(figsize=(16, 5), dpi=120, facecolor="white")
-    ax = fig.add_axes([0, 0, 1, 1])
-    ax.set_xlim(0, width), ax.set_ylim(2.5 - 2.5 * width / 16, 2.5 + 2.5 * width / 16), ax.axis("off")
-    def height(shape: tuple[int, ...]) -> float:  # a box is taller the larger its feature map
-        return min(2.6, 1.25 + 0.35 * float(np.log2(shape[-1] / zq_shape[-1])))
-
-    cx = (width - total) / 2                                                # running left edge
+def input_image(ax: plt.Axes, x: torch.Tensor, cx: float, y: float = Y) -> float:
+    """The input thumbnail, 1.1 wide, with its name and shape; returns its right edge."""
     img = (x[0].permute(1, 2, 0).numpy() + 0.5).clip(0, 1)
     ax.imshow(img, extent=(cx, cx + 1.1, y - 0.55, y + 0.55), interpolation="nearest", zorder=2)
     ax.text(cx + 0.55, y + 0.67, "input $x$", ha="center", va="bottom", fontsize=11)
     ax.text(cx + 0.55, y - 0.67, shape_str(tuple(x.shape)), ha="center", va="top", fontsize=8.5)
-    cx += 1.1
+    return cx + 1.1
 
-    def stage(layers: list, color: str, title: str) -> None:
-        nonlocal cx
-        start = cx + gap
-        for name, module, shape in layers:
-            arrow(ax, cx, cx + gap)
-            cx += gap
-            box(ax, cx, bw, height(shape), color, describe(module) + [shape_str(shape)])
-            ax.text(cx + bw / 2, y - height(shape) / 2 - 0.08, name, ha="center", va="top", fontsize=7.5,
-                    family="monospace", color="#666666")
-            cx += bw
-        ax.add_patch(FancyBboxPatch((start - 0.08, 0.95), cx - start + 0.16, 3.05, zorder=0, fc="none",
-                                    ec="#999999", lw=0.8, ls=":", boxstyle="round,pad=0,rounding_size=0.12"))
-        ax.text((start + cx) / 2, 4.07, title, ha="center", va="bottom", fontsize=11, fontweight="bold")
 
-    stage(enc, ENC, type(model.encoder).__name__)
-    arrow(ax, cx, cx + gap)
-    ze_x = cx + gap
-    tensor_node(ax, ze_x, tw, "$z_e(x)$", enc[-1][2])
-    cx = ze_x + tw
+def stage(ax: plt.Axes, cx: float, layers: list[Record], color: str, title: str, ref: int, y: float = Y,
+          frame: tuple[float, float] = (0.95, 4.0)) -> float:
+    """Arrow, box, arrow, box ... for each layer from cx, in a dotted frame from frame[0] to frame[1] (heights)
+    titled above; returns the right edge of the last box."""
+    start = cx + GAP
+    for r in layers:
+        arrow(ax, cx, cx + GAP, y)
+        cx += GAP
+        h = height(r.shape, ref)
+        box(ax, cx, BW, h, color, describe(r.module) + [shape_str(r.shape)], y)
+        ax.text(cx + BW / 2, y - h / 2 - 0.08, r.name, ha="center", va="top", fontsize=7.5,
+                family="monospace", color="#666666")
+        cx += BW
+    ax.add_patch(FancyBboxPatch((start - 0.08, frame[0]), cx - start + 0.16, frame[1] - frame[0], zorder=0,
+                                fc="none", ec="#999999", lw=0.8, ls=":", boxstyle="round,pad=0,rounding_size=0.12"))
+    ax.text((start + cx) / 2, frame[1] + 0.07, title, ha="center", va="bottom", fontsize=11, fontweight="bold")
+    return cx
 
-    # vector quantizer: the codebook (the model's actual K x D buffer) and the nearest-code rule
-    arrow(ax, cx, cx + gap)
-    vx, vh = cx + gap, 2.4
-    ax.add_patch(FancyBboxPatch((vx, y - vh / 2), vw, vh, boxstyle="round,pad=0,rounding_size=0.1", fc=VQ,
+
+def quantizer_box(ax: plt.Axes, vx: float, q: nn.Module, r: Record, z: str, y: float = Y) -> float:
+    """The vector quantizer at vx: the codebook (the model's actual K x D buffer) and the nearest-code rule for
+    the input called z; returns its right edge."""
+    vh = 2.4
+    ax.add_patch(FancyBboxPatch((vx, y - vh / 2), VW, vh, boxstyle="round,pad=0,rounding_size=0.1", fc=VQ,
                                 ec="#555555", lw=1.0))
-    ax.text(vx + vw / 2, y + vh / 2 - 0.12, type(q).__name__, ha="center", va="top", fontsize=9, fontweight="bold")
+    ax.text(vx + VW / 2, y + vh / 2 - 0.12, type(q).__name__, ha="center", va="top", fontsize=9, fontweight="bold")
     cb = q.codebook.detach().cpu().numpy()
     ax.imshow(cb, extent=(vx + 0.15, vx + 0.7, y - 0.8, y + 0.75), aspect="auto", cmap="coolwarm",
               interpolation="nearest", zorder=2)
     ax.text(vx + 0.425, y - 0.86, "codebook", ha="center", va="top", fontsize=7.5)
     rule = [f"K = {q.num_embeddings} codes", f"of dimension D = {q.embedding_dim}", "",
-            "nearest code, eq. 1:", r"$k=\mathrm{argmin}_j\,\|z_e(x)-e_j\|_2$", f"indices {shape_str(idx_shape)}"]
+            "nearest code, eq. 1:", rf"$k=\mathrm{{argmin}}_j\,\|{z}-e_j\|_2$", f"indices {shape_str(r.indices)}"]
     if hasattr(q, "decay"):
         rule.append(f"EMA codebook, γ = {q.decay}")
     for i, line in enumerate(rule):
         ax.text(vx + 0.8, y + 0.72 - i * 0.235, line, ha="left", va="center", fontsize=8)
-    cx = vx + vw
+    return vx + VW
 
-    arrow(ax, cx, cx + gap)
-    zq_x = cx + gap
-    tensor_node(ax, zq_x, tw, "$z_q(x)$", zq_shape)
-    cx = zq_x + tw
-    stage(dec, DEC, type(model.decoder).__name__)
 
-    arrow(ax, cx, cx + gap)
-    cx += gap
-    h_out = height(dec[-1][2])
-    box(ax, cx, 1.0, h_out, GREY, ["reconstruction", shape_str(dec[-1][2])])
-    ax.text(cx + 0.5, y + h_out / 2 + 0.12, r"$\hat{x}$", ha="center", va="bottom", fontsize=12)
-
-    # straight-through estimator: the decoder's gradient w.r.t. z_q(x) is copied to z_e(x)
-    red, low, a, b = "#b2182b", 0.8, ze_x + tw / 2, zq_x + tw / 2
-    ax.plot([b, b, a], [y - tw / 2 - 0.35, low, low], color=red, lw=1.3, ls="--")
-    ax.annotate("", xy=(a, y - tw / 2 - 0.35), xytext=(a, low),
-                arrowprops=dict(arrowstyle="-|>", color=red, lw=1.3, ls="--", shrinkA=0, shrinkB=0))
-    ax.text((a + b) / 2, low - 0.1, "straight-through gradient", ha="center", va="top", fontsize=9, color=red,
-            fontstyle="italic")
+def title(ax: plt.Axes, x: float, y: float, model: nn.Module, image: torch.Tensor, paper: str) -> None:
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    ax.text(width / 2, 4.7, f"VQ-VAE (arXiv 1711.00937): shapes from one forward pass of {type(model).__name__} "
-            f"on a {shape_str((0,) + tuple(x.shape))} image, {n_params / 1e6:.2f} M trainable parameters",
+    ax.text(x, y, f"{paper}: shapes from one forward pass of {type(model).__name__} "
+            f"on a {shape_str((0,) + tuple(image.shape))} image, {n_params / 1e6:.2f} M trainable parameters",
             ha="center", va="center", fontsize=12)
+
+
+def save(fig: plt.Figure, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120, facecolor="white")
     plt.close(fig)
     return out
 
 
+def draw(model: VQVAE, out: Path, image_size: int = 64) -> Path:
+    """Trace `model` on one image_size x image_size sample and write the architecture picture to `out`."""
+    x = sample_image(image_size)
+    rec = trace(model, x, parts_of(model))
+    enc, dec, (vq,) = rec["encoder"], rec["decoder"], rec["quantizer"]
+    ref, y = vq.shape[-1], Y
+    total = 1.1 + (len(enc) + len(dec)) * (GAP + BW) + 2 * (GAP + TW) + (GAP + VW) + (GAP + 1.0)
+    width = max(16.0, total + 0.3)                        # a deeper model widens the canvas, keeping the aspect
+    fig = plt.figure(figsize=(16, 5), dpi=120, facecolor="white")
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.set_xlim(0, width), ax.set_ylim(2.5 - 2.5 * width / 16, 2.5 + 2.5 * width / 16), ax.axis("off")
+
+    cx = input_image(ax, x, (width - total) / 2)
+    cx = stage(ax, cx, enc, ENC, type(model.encoder).__name__, ref)
+    arrow(ax, cx, cx + GAP)
+    ze_x = cx + GAP
+    tensor_node(ax, ze_x, TW, "$z_e(x)$", enc[-1].shape)
+    arrow(ax, ze_x + TW, ze_x + TW + GAP)
+    cx = quantizer_box(ax, ze_x + TW + GAP, model.quantizer, vq, "z_e(x)")
+    arrow(ax, cx, cx + GAP)
+    zq_x = cx + GAP
+    tensor_node(ax, zq_x, TW, "$z_q(x)$", vq.shape)
+    cx = stage(ax, zq_x + TW, dec, DEC, type(model.decoder).__name__, ref)
+
+    arrow(ax, cx, cx + GAP)
+    cx += GAP
+    h_out = height(dec[-1].shape, ref)
+    box(ax, cx, 1.0, h_out, GREY, ["reconstruction", shape_str(dec[-1].shape)])
+    ax.text(cx + 0.5, y + h_out / 2 + 0.12, r"$\hat{x}$", ha="center", va="bottom", fontsize=12)
+
+    # straight-through estimator: the decoder's gradient w.r.t. z_q(x) is copied to z_e(x)
+    red, low, a, b = "#b2182b", 0.8, ze_x + TW / 2, zq_x + TW / 2
+    route(ax, [(b, y - TW / 2 - 0.35), (b, low), (a, low), (a, y - TW / 2 - 0.35)], red, "--", shrink=0)
+    ax.text((a + b) / 2, low - 0.1, "straight-through gradient", ha="center", va="top", fontsize=9, color=red,
+            fontstyle="italic")
+    title(ax, width / 2, 4.7, model, x, "VQ-VAE (arXiv 1711.00937)")
+    return save(fig, out)
+
+
+def draw_vqvae2(model: VQVAE2, out: Path, image_size: int = 128) -> Path:
+    """Trace the 2-level `model` on one image_size x image_size sample and write its picture to `out`: the bottom
+    level in the lower row, the top level above it, with every arrow a tensor that VQVAE2.forward passes on."""
+    x = sample_image(image_size)
+    rec = trace(model, x, parts_of(model))
+    enc, top_enc, top_dec, dec = (rec[k] for k in ("encoder", "top_encoder", "top_decoder", "decoder"))
+    (tq,), (join,), (bq,), (up,), (cat,) = (rec[k] for k in ("top_quantizer", "join", "bottom_quantizer",
+                                                             "upsample_top", "concat"))
+    h_b, d_top = enc[-1].shape, top_dec[-1].shape
+    assert join.in_shape[1] == h_b[1] + d_top[1] and cat.in_shape[1] == up.shape[1] + bq.shape[1]
+    ref, yb, yt = tq.shape[-1], 1.8, 5.9         # boxes grow from the top code map's width; the rows' centre lines
+    yc, yu = yt - 1.45, 3.8                      # the channel back to the join; upsample_top's centre line
+    bottom_frame, top_frame, dark = (yb - 1.5, yb + 1.55), (yt - 1.12, yt + 0.92), "#333333"
+    fig = plt.figure(dpi=120, facecolor="white")
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.axis("off")
+
+    def name(x: float, y: float, text: str, ha: str = "center") -> None:
+        ax.text(x, y, text, ha=ha, va="top", fontsize=7.5, family="monospace", color="#666666")
+
+    def fork(x: float, y: float) -> None:
+        ax.plot(x, y, "o", color=dark, ms=3.5)
+
+    # bottom row to h_b, which goes right to the join and up to the top encoder
+    cx = input_image(ax, x, 0.3, yb)
+    cx = stage(ax, cx, enc, ENC, f"{type(model.encoder).__name__} (bottom)", ref, yb, bottom_frame)
+    arrow(ax, cx, cx + GAP, yb)
+    hb_x = cx + GAP
+    tensor_node(ax, hb_x, TW, "$h_b$", h_b, yb)
+    up_x = hb_x + TW + 0.25
+    arrow(ax, hb_x + TW, up_x + GAP, yb)
+    ax.plot([up_x, up_x], [yb, yt], color=dark, lw=1.2)
+    fork(up_x, yb)
+
+    # top row: top encoder -> z_top -> top quantizer -> e_top -> top decoder (and e_top down to upsample_top)
+    cx = stage(ax, up_x, top_enc, ENC, type(model.top_encoder).__name__, ref, yt, top_frame)
+    arrow(ax, cx, cx + GAP, yt)
+    tensor_node(ax, cx + GAP, TW, "$z_{top}$", top_enc[-1].shape, yt)
+    arrow(ax, cx + GAP + TW, cx + 2 * GAP + TW, yt)
+    cx = quantizer_box(ax, cx + 2 * GAP + TW, model.top_quantizer, tq, "z_{top}", yt)
+    name(cx - VW / 2, yt - 1.24, "top_quantizer")
+    arrow(ax, cx, cx + GAP, yt)
+    tensor_node(ax, cx + GAP, TW, "$e_{top}$", tq.shape, yt)
+    et_x = cx + GAP + TW + 0.25
+    ax.plot([cx + GAP + TW, et_x], [yt, yt], color=dark, lw=1.2)
+    fork(et_x, yt)
+    cx = stage(ax, et_x, top_dec, DEC, type(model.top_decoder).__name__, ref, yt, top_frame)
+    td_end = cx + 0.2
+
+    # the join: a 1x1 convolution over [h_b, top decoder output], fed from the left and from above
+    jx, hj = up_x + GAP, height(join.shape, ref)
+    lines = describe(join.module)
+    box(ax, jx, BW, hj, ENC, [lines[0], lines[1], f"{h_b[1]}+{d_top[1]}→{join.module.out_channels}",
+                              shape_str(join.shape)], yb)
+    name(jx + BW / 2, yb - hj / 2 - 0.08, join.name)
+    route(ax, [(cx, yt), (td_end, yt), (td_end, yc), (jx + BW / 2, yc), (jx + BW / 2, yb + hj / 2)])
+    ax.text(jx + BW / 2 + 0.12, yc - 0.06, f"top decoder output {shape_str(d_top)}, joined to $h_b$", ha="left",
+            va="top", fontsize=8, fontstyle="italic")
+
+    # bottom row on: z_bottom -> bottom quantizer -> e_bottom -> concat (with upsample_top(e_top)) -> decoder
+    cx = jx + BW
+    arrow(ax, cx, cx + GAP, yb)
+    tensor_node(ax, cx + GAP, TW, "$z_{bottom}$", join.shape, yb)
+    arrow(ax, cx + GAP + TW, cx + 2 * GAP + TW, yb)
+    cx = quantizer_box(ax, cx + 2 * GAP + TW, model.bottom_quantizer, bq, "z_{bottom}", yb)
+    name(cx - VW / 2, yb - 1.24, "bottom_quantizer")
+    arrow(ax, cx, cx + GAP, yb)
+    tensor_node(ax, cx + GAP, TW, "$e_{bottom}$", bq.shape, yb)
+    cx += 2 * GAP + TW
+    hc, mid = height(cat.in_shape, ref), cx + BW / 2
+    box(ax, cx, BW, hc, GREY, ["concat", f"{up.shape[1]}+{bq.shape[1]}", shape_str(cat.in_shape)], yb)
+    ax.plot([et_x] * 2, [yc - 0.12, yc + 0.12], color="white", lw=6)   # a gap where e_top crosses the channel
+    route(ax, [(et_x, yt), (et_x, yu), (cx + BW, yu)])
+    box(ax, cx, BW, 1.0, DEC, describe(up.module) + [shape_str(up.shape)], yu)
+    name(cx - 0.06, yu - 0.3, up.name, ha="right")
+    route(ax, [(mid, yu - 0.5), (mid, yb + hc / 2)])
+    cx = stage(ax, cx + BW, dec, DEC, type(model.decoder).__name__, ref, yb, bottom_frame)
+    arrow(ax, cx, cx + GAP, yb)
+    cx += GAP
+    h_out = height(dec[-1].shape, ref)
+    box(ax, cx, 1.0, h_out, GREY, ["reconstruction", shape_str(dec[-1].shape)], yb)
+    ax.text(cx + 0.5, yb + h_out / 2 + 0.12, r"$\hat{x}$", ha="center", va="bottom", fontsize=12)
+
+    factor = image_size // tq.indices[-1], image_size // bq.indices[-1]
+    ax.text(0.3, yt + 0.55, f"top level: {shape_str(tq.indices)} codes (H/{factor[0]}), the global "
+            f"structure\nbottom level: {shape_str(bq.indices)} codes (H/{factor[1]}), chosen given the top "
+            f"(section 3.1)\nthe decoder sees both: $[\\uparrow e_{{top}}, e_{{bottom}}]$", ha="left", va="top",
+            fontsize=10, linespacing=1.6)
+    width, total_height = max(cx + 1.0, td_end) + 0.3, yt + 1.95
+    title(ax, width / 2, yt + 1.6, model, x, "VQ-VAE-2 (arXiv 1906.00446, figure 2a)")
+    ax.set_xlim(0, width), ax.set_ylim(0, total_height)
+    fig.set_size_inches(width, total_height)
+    return save(fig, out)
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output PNG (default model_visualisation/vqvae.png)")
+    parser.add_argument("--levels", type=int, choices=(1, 2), default=1,
+                        help="1: the VQ-VAE, traced at 64 px; 2: VQ-VAE-2 (hierarchy.VQVAE2), traced at 128 px")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output PNG (default model_visualisation/vqvae.png, or vqvae2.png with --levels 2)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)  # the codebook drawn is the model's random initial one: keep the picture reproducible
-    out = draw(build_model(Config()), args.out)
+    model = build_model(Config(levels=args.levels))
+    out = (draw if args.levels == 1 else draw_vqvae2)(model, args.out or DEFAULT_OUT[args.levels],
+                                                      IMAGE_SIZE[args.levels])
     print(f"wrote {out}")
     return out
 

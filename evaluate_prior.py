@@ -215,8 +215,10 @@ def bits_per_dim_terms(dec: dict, nats_per_image: dict) -> dict:
     return out
 
 
-def evaluate_prior(checkpoint: str, device: torch.device, bits_per_dim: bool = True, time_runs: int = 0) -> dict:
-    """Everything the module docstring lists, as one dict (see `print_report`)."""
+def evaluate_prior(checkpoint: str, device: torch.device, bits_per_dim: bool = True, time_runs: int = 0,
+                   vqvae: str | None = None) -> dict:
+    """Everything the module docstring lists, as one dict (see `print_report`); `vqvae`: the VQ-VAE checkpoint of
+    the decoder term (default: the one the prior names)."""
     prior, _, ckpt = load_prior(checkpoint, device)
     codes = read_codes(ckpt["codes"])
     if code_levels(codes) != prior_levels(ckpt):
@@ -224,7 +226,7 @@ def evaluate_prior(checkpoint: str, device: torch.device, bits_per_dim: bool = T
                               f"now holds {code_levels(codes)}-level codes (extracted again from another VQ-VAE): "
                               f"extract the codes of the VQ-VAE the prior was trained on again, or train a new prior")
     if prior_levels(ckpt) == 2:
-        return evaluate_two_levels(prior, ckpt, codes, checkpoint, device, bits_per_dim, time_runs)
+        return evaluate_two_levels(prior, ckpt, codes, checkpoint, device, bits_per_dim, time_runs, vqvae)
     k, (h, w) = ckpt["model_args"]["num_embeddings"], ckpt["map_shape"]
     conditional = prior.num_classes > 0
     val_codes = codes["val_codes"]
@@ -241,8 +243,8 @@ def evaluate_prior(checkpoint: str, device: torch.device, bits_per_dim: bool = T
         "reduction_vs_unigram": 1 - prior_nats / unigram,
     }
     if bits_per_dim:
-        vqvae = load_vqvae_for(ckpt, device)
-        dec = decoder_term(vqvae, config_from_dict(ckpt["vqvae"]["config"]), codes["data"], [val_codes], device)
+        dec = decoder_term(load_vqvae_for(ckpt, device, vqvae), config_from_dict(ckpt["vqvae"]["config"]),
+                           codes["data"], [val_codes], device)
         priors = (("uniform", math.log(k)), ("unigram", unigram), ("pixelcnn", prior_nats))
         report.update(bits_per_dim_terms(dec, {name: nats * h * w for name, nats in priors}))
     if time_runs:
@@ -252,7 +254,7 @@ def evaluate_prior(checkpoint: str, device: torch.device, bits_per_dim: bool = T
 
 
 def evaluate_two_levels(prior, ckpt: dict, codes: dict, checkpoint: str, device: torch.device, bits_per_dim: bool,
-                        time_runs: int) -> dict:
+                        time_runs: int, vqvae: str | None = None) -> dict:
     """`evaluate_prior` for a 2-level prior: each level's numbers under "top" and "bottom", then per image."""
     k, (h, w) = ckpt["model_args"]["num_embeddings"], ckpt["map_shape"]
     conditional = prior.num_classes > 0
@@ -265,7 +267,8 @@ def evaluate_two_levels(prior, ckpt: dict, codes: dict, checkpoint: str, device:
         n = val.shape[1] * val.shape[2]
         prior_nats, unigram = nll_metrics(nll, n)["nll_nats"], unigram_cross_entropy(train, val, k)
         report[name] = {"codes_per_map": n, "prior_nats_per_code": prior_nats,
-                        "prior_bits_per_code": prior_nats / math.log(2), "unigram_nats_per_code": unigram, "unigram_bits_per_code": unigram / math.log(2),
+                        "prior_bits_per_code": prior_nats / math.log(2), "unigram_nats_per_code": unigram,
+                        "unigram_bits_per_code": unigram / math.log(2),
                         "val_entropy_nats_per_code": empirical_entropy(val, k),
                         "reduction_vs_unigram": 1 - prior_nats / unigram}
     per_image = {name: sum(report[level][f"{name}_nats_per_code"] * report[level]["codes_per_map"]
@@ -274,8 +277,8 @@ def evaluate_two_levels(prior, ckpt: dict, codes: dict, checkpoint: str, device:
                    "uniform_nats_per_image": math.log(k) * (report["top"]["codes_per_map"] + h * w),
                    "reduction_vs_unigram": 1 - per_image["prior"] / per_image["unigram"]})
     if bits_per_dim:
-        vqvae = load_vqvae_for(ckpt, device)
-        dec = decoder_term(vqvae, config_from_dict(ckpt["vqvae"]["config"]), codes["data"], val_maps, device)
+        dec = decoder_term(load_vqvae_for(ckpt, device, vqvae), config_from_dict(ckpt["vqvae"]["config"]),
+                           codes["data"], val_maps, device)
         report.update(bits_per_dim_terms(dec, {"uniform": report["uniform_nats_per_image"],
                                                "unigram": per_image["unigram"], "pixelcnn": per_image["prior"]}))
     if time_runs:
@@ -339,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the decoder term (needs the VQ-VAE and the images)")
     parser.add_argument("--time-sampling", action="store_true", help="also time sampling 16 maps")
     parser.add_argument("--runs", type=int, default=5, help="timed sampling runs (median reported)")
+    parser.add_argument("--vqvae", default=None, help="the VQ-VAE checkpoint of the decoder term (default: the one "
+                                                      "the prior names)")
     args = parser.parse_args(argv)
     return run_cli(lambda: report(args))
 
@@ -347,7 +352,7 @@ def report(args: argparse.Namespace) -> int:
     """evaluate_prior.py's body: the report as text, then as one JSON object on the last line."""
     require_at_least("runs", args.runs)
     result = evaluate_prior(args.checkpoint, pick_device(args.device), args.bits_per_dim,
-                            args.runs if args.time_sampling else 0)
+                            args.runs if args.time_sampling else 0, args.vqvae)
     print_report(result)
     print(json.dumps(result))
     return 0

@@ -28,7 +28,9 @@ from prior import GatedPixelCNN
 
 
 class LevelOutputs(NamedTuple):
-    """One tensor per level, top first: logits (B, K, h, w) or NLLs (B,) of the top and the bottom map."""
+    """One tensor per level, top first: logits (B, K, h, w), NLLs (B,) or sampled codes of the top and the bottom map.
+    Example: top, bottom = HierarchicalPrior(16).sample(2, (8, 8)); (top.shape, bottom.shape) == ((2, 4, 4), (2, 8, 8)).
+    """
 
     top: Tensor
     bottom: Tensor

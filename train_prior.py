@@ -62,7 +62,7 @@ class PriorConfig:
     kernel_size: int = 5            # k (odd): vertical convolutions are (k//2 + 1) x k, horizontal 1 x (k//2 + 1)
     dropout: float = 0.1            # dropout on the horizontal stack's gated output
     conditional: bool = True        # condition on the class labels when the codes file has classes (eq. 4)
-    attention: bool = False         # one causal self-attention block (the top prior of a 2-level codes file)
+    attention: bool = False         # one causal self-attention block in the prior (for 2-level codes: the top prior)
     heads: int = 4                  # attention heads (channels must be a multiple)
     cond_channels: int = 32         # 2-level codes only: width of the bottom prior's conditioning stack on the top map
     cond_blocks: int = 2            # 2-level codes only: residual blocks of that stack at the top resolution
@@ -128,10 +128,10 @@ def model_args(c: PriorConfig, num_embeddings: int, classes: list[str], levels: 
     """The keyword arguments of GatedPixelCNN (1 level) or HierarchicalPrior (2) for this config and codes file."""
     args = {"num_embeddings": num_embeddings, "num_classes": len(classes) if c.conditional else 0,
             "channels": c.channels, "num_layers": c.num_layers, "kernel_size": c.kernel_size, "dropout": c.dropout}
-    if c.attention:
-        args.update(attention=True, heads=c.heads)
+    if c.attention or levels == 2:
+        args.update(attention=c.attention, heads=c.heads)
     if levels == 2:
-        args.update(attention=c.attention, heads=c.heads, cond_channels=c.cond_channels, cond_blocks=c.cond_blocks)
+        args.update(cond_channels=c.cond_channels, cond_blocks=c.cond_blocks)
     return args
 
 

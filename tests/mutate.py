@@ -43,6 +43,7 @@ class Mutation:
 
 
 P, PD, PR = "tests/test_promises.py", "tests/test_promises_data.py", "tests/test_promises_runs.py"
+L = "tests/test_prior_levels.py"
 MUTATIONS = [
     # ---- the quantizers' maths (README "The model")
     Mutation("nearest-code-distance", "The model", "models.py",
@@ -240,6 +241,47 @@ MUTATIONS = [
              "from models import Encoder, VectorQuantizer, VectorQuantizerEMA, Decoder",
              "from models import Encoder, VectorQuantizerEMA, Decoder",
              (f"{P}::test_notebook_imports_the_four_parts_from_models_and_trains_through_train",)),
+    # ---- the two-level prior (VQ-VAE-2)
+    Mutation("attention-not-causal", "Generation", "prior.py",
+             "is_causal=True", "is_causal=False",
+             (f"{L}::test_top_prior_with_attention_is_strictly_causal_and_reaches_beyond_the_convolutions",)),
+    Mutation("attention-norm-mixes-positions", "Generation", "prior.py",
+             "self.qkv(self.norm(x))", "self.qkv(F.layer_norm(x, x.shape[1:]))",
+             (f"{L}::test_top_prior_with_attention_is_strictly_causal_and_reaches_beyond_the_convolutions",)),
+    Mutation("sampler-skips-attention", "Generation", "prior.py",
+             "h = self.attention.step(h, i * width + j, keys, values)", "h = h",
+             (f"{L}::test_fast_sampling_with_attention_or_a_conditioning_map_equals_the_naive_sampler[attention]",)),
+    Mutation("sampler-conditioning-at-the-corner", "Generation", "prior.py",
+             "else bias[l][:, :, i, j])", "else bias[l][:, :, 0, 0])",
+             (f"{L}::test_fast_sampling_with_attention_or_a_conditioning_map_equals_the_naive_sampler[map]",)),
+    Mutation("bottom-prior-ignores-top", "Generation", "hierarchical_prior.py",
+             "self.bottom(bottom, labels, self.conditioning(top))",
+             "self.bottom(bottom, labels, self.conditioning(top * 0))",
+             (f"{L}::test_bottom_prior_sees_every_top_code_and_only_earlier_bottom_codes",)),
+    Mutation("two-level-sampler-ignores-top", "Generation", "hierarchical_prior.py",
+             "cond = self.conditioning(top) ", "cond = self.conditioning(top * 0) ",
+             (f"{L}::test_two_level_sampling_equals_drawing_top_then_bottom_by_full_recompute",)),
+    Mutation("prior-resume-forgets-rng", "Generation", "train_prior.py",
+             "        restore_rng(resume_from, device)\n", "        pass\n",
+             (f"{L}::test_two_level_run_writes_one_folder_and_resumes_exactly",)),
+    Mutation("nll-per-image-bottom-only", "Generation", "train_prior.py",
+             'out["nll_nats_per_image"] = (nlls[0] + nlls[1]).mean().item()',
+             'out["nll_nats_per_image"] = nlls[1].mean().item()',
+             (f"{L}::test_two_level_validation_nll_per_level_and_per_image_by_hand",)),
+    Mutation("unigram-per-image-bottom-only", "Generation", "evaluate_prior.py",
+             'for level in ("top", "bottom")) for name in ("prior", "unigram")}',
+             'for level in ("bottom",)) for name in ("prior", "unigram")}',
+             (f"{L}::test_evaluate_prior_reports_each_level_and_the_image",)),
+    Mutation("sample-decodes-a-zero-top-map", "Generation", "sample.py",
+             "images = vqvae.decode(tuple(c.to(on_vqvae) for c in codes))",
+             "images = vqvae.decode((codes[0].to(on_vqvae) * 0, codes[1].to(on_vqvae)))",
+             (f"{L}::test_sample_draws_top_then_bottom_and_decodes_the_pair",)),
+    Mutation("sample-ignores-levels", "Generation", "sample.py",
+             "    if vqvae.levels != levels:", "    if False:",
+             (f"{L}::test_sample_and_evaluate_with_a_vqvae_of_the_other_kind",)),
+    Mutation("prior-resume-ignores-levels", "Generation", "train_prior.py",
+             "        if prior_levels(ckpt) != levels:", "        if False:",
+             (f"{L}::test_train_prior_given_the_other_kind",)),
 ]
 
 

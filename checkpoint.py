@@ -86,8 +86,8 @@ class Config:
 
 
 MODEL_FIELDS = ("levels", "hidden_channels", "residual_channels", "num_residual_blocks", "block", "attention",
-                "downsample", "embedding_dim", "num_embeddings", "beta", "quantizer", "decay", "kmeans_init", "restart_threshold", "cosine",
-                "lookup_dim", "rotation_trick", "fsq_levels")
+                "downsample", "embedding_dim", "num_embeddings", "beta", "quantizer", "decay", "kmeans_init",
+                "restart_threshold", "cosine", "lookup_dim", "rotation_trick", "fsq_levels")
 
 
 def check_config(c: Config) -> None:

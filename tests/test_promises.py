@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from checkpoint import Config, model_args
+from hierarchy import VQVAE2
 from models import FSQ, VQVAE, VQOutput, VectorQuantizer, VectorQuantizerEMA, flatten_latents, kmeans
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,10 +270,15 @@ def test_config_defaults_are_the_ones_readme_states():
 
 
 def test_vqvae_defaults_are_the_configs():
-    """models.VQVAE's docstring: "the defaults are train.Config's"."""
+    """models.VQVAE's docstring: "the defaults are train.Config's" (levels is Config's choice between VQVAE and
+    hierarchy.VQVAE2, whose shared arguments have the same defaults)."""
     params = inspect.signature(VQVAE).parameters
-    for name, value in model_args(Config()).items():
+    params2 = inspect.signature(VQVAE2).parameters
+    args = model_args(Config())
+    assert args.pop("levels") == VQVAE.levels == 1
+    for name, value in args.items():
         assert params[name].default == value, name
+        assert name == "downsample" or params2[name].default == value, name
 
 
 # ---------------------------------------------------------------------------------------------------------------

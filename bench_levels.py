@@ -1,0 +1,214 @@
+"""One level or two: the VQ-VAE against the 2-level VQ-VAE-2 (hierarchy.py) at 128 and 256 px, at an equal number of
+training steps on the built-in sample, and the 2-level prior against the unigram baselines of its two levels.
+
+    python bench_levels.py --write              # the table (and figure) into BENCHMARKS.md
+    python bench_levels.py --sizes 128 --steps 100 --prior-steps 50   # a quick look
+
+With --prior-steps N (at the first size): each model's codes are extracted (`extract_codes`, --passes passes over
+the training split), a prior is trained on them for N steps (`train_prior`: one gated PixelCNN over the 1-level map;
+for the 2-level model a top prior with one causal self-attention block and a bottom prior conditioned on the top
+map), and `evaluate_prior` reports the validation NLL per image (both levels summed, in nats) against the unigram
+baselines (per level, summed), and the wall-clock seconds to draw and decode 16 images (median of 3, after one
+warm-up). The figure model_visualisation/levels.png shows unseen photos, both models' reconstructions and 8
+samples of each.
+
+For each size, both models train through train.py's `train()` with train.Config's defaults, the same steps, batch
+and seed; the only difference is --levels. Both have the same bottom grid (S/4 x S/4 codes); the 2-level model adds
+a top grid of S/8 x S/8 codes, so it spends more bits per image (positions x log2 K), reported beside its PSNR.
+Reported: PSNR and SSIM on the sample's 4 unseen photos and on the held-out strips, codebook usage (each level's for
+the 2-level model), bits per image, training seconds. The run folders are kept under --out (default
+runs/bench_levels/) for the figure and the priors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench_report import ROOT, machine, publish
+from checkpoint import Config, load_checkpoint
+from train import train
+
+FIGURE = ROOT / "model_visualisation" / "levels.png"
+
+
+def train_pair(size: int, steps: int, batch_size: int, out: Path, seed: int = 0) -> list[dict]:
+    """Train the 1-level and the 2-level model at `size` px for `steps` steps; one row of figures for each."""
+    rows = []
+    for levels in (1, 2):
+        folder = out / f"{size}px-{levels}-level"
+        c = Config(image_size=size, levels=levels, steps=steps, batch_size=batch_size, seed=seed, out=str(folder),
+                   overwrite=True, progress=False, eval_every=steps, log_every=max(1, steps // 10),
+                   warmup_steps=min(Config.warmup_steps, steps // 5))
+        start = time.perf_counter()
+        result = train(c)
+        seconds = time.perf_counter() - start
+        f = result.final
+        positions = (size // 4) ** 2 + ((size // 8) ** 2 if levels == 2 else 0)
+        rows.append({"size": size, "levels": levels, "steps": steps, "batch_size": batch_size, "seed": seed,
+                     "seconds": round(seconds, 1), "train_seconds": result.history[-1]["elapsed_s"],
+                     "unseen_psnr": f["unseen_psnr"], "unseen_ssim": f["unseen_ssim"],
+                     "strips_psnr": f["strips_psnr"], "strips_ssim": f["strips_ssim"],
+                     "codebook_usage": f["codebook_usage"],
+                     "usage_by_level": [f[k] for k in ("codebook_usage_top", "codebook_usage_bottom") if k in f],
+                     "bits_per_image": positions * math.log2(c.num_embeddings), "checkpoint": str(folder /
+                                                                                                    "checkpoint.pt")})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def prior_row(row: dict, steps: int, passes: int) -> dict:
+    """Extract the codes of `row`'s model, train its prior and evaluate it (see the module docstring)."""
+    from evaluate_prior import evaluate_prior
+    from extract_codes import extract_codes
+    from sample import generate
+    from train_prior import PriorConfig, train_prior
+
+    folder = Path(row["checkpoint"]).parent
+    start = time.perf_counter()
+    extract_codes(row["checkpoint"], folder / "codes.pt", passes, progress=False, device="cpu")
+    c = PriorConfig(codes=str(folder / "codes.pt"), out=str(folder / "prior"), steps=steps, overwrite=True,
+                    progress=False, eval_every=steps, attention=row["levels"] == 2, device="cpu")
+    result = train_prior(c)
+    r = evaluate_prior(str(folder / "prior" / "checkpoint.pt"), torch.device("cpu"), bits_per_dim=True)
+    seconds = time.perf_counter() - start
+    if row["levels"] == 1:
+        n = r["map_shape"][0] * r["map_shape"][1]
+        prior_nats, unigram_nats = r["prior_nats_per_code"] * n, r["unigram_nats_per_code"] * n
+    else:
+        prior_nats, unigram_nats = r["prior_nats_per_image"], r["unigram_nats_per_image"]
+    vqvae = load_checkpoint(row["checkpoint"])[0]
+    shape = tuple(r["map_shape"])
+    times = []
+    for seed in range(4):                      # the first is a warm-up
+        t = time.perf_counter()
+        _, images = generate(result.model, vqvae, 16, shape, seed=seed)
+        times.append(time.perf_counter() - t)
+    out = {"prior_steps": steps, "passes": passes, "prior_nats_per_image": prior_nats,
+           "unigram_nats_per_image": unigram_nats, "reduction_vs_unigram": 1 - prior_nats / unigram_nats,
+           "bits_per_dim_pixelcnn": r["bits_per_dim_bound"]["pixelcnn"], "sample16_s": statistics.median(times[1:]),
+           "pipeline_s": round(seconds, 1), "sample_images": images[:8]}
+    print(json.dumps({k: v for k, v in out.items() if k != "sample_images"}), flush=True)
+    return out
+
+
+def figure(rows: list[dict], path: Path) -> None:
+    """Unseen photos, both models' reconstructions and (when there are priors) 8 samples of each, one row each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torchvision
+
+    from image_data import build_data, sample_unseen_photos
+
+    size = rows[0]["size"]
+    unseen = sample_unseen_photos(build_data("sample", size).val)
+    x = torch.stack([unseen[i][0] for i in range(0, len(unseen), max(1, len(unseen) // 8))][:8]).float() / 255
+    lines = [("unseen photos", x)]
+    for r in rows:
+        model = load_checkpoint(r["checkpoint"])[0]
+        with torch.no_grad():
+            lines.append((f"{r['levels']}-level reconstructions ({r['unseen_psnr']:.2f} dB on the unseen photos)",
+                          (model(x - 0.5).reconstruction + 0.5).clamp(0, 1)))
+    for r in rows:
+        if "sample_images" in r:
+            lines.append((f"{r['levels']}-level samples (prior NLL {r['prior_nats_per_image']:.0f} nats/image)",
+                          r["sample_images"]))
+    fig, axes = plt.subplots(len(lines), 1, figsize=(12, 1.75 * len(lines)))
+    for ax, (title, images) in zip(axes, lines):
+        ax.imshow(torchvision.utils.make_grid(images, nrow=8, padding=2, pad_value=1).permute(1, 2, 0).numpy())
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    fig.suptitle(f"VQ-VAE against VQ-VAE-2 at {size}x{size}, {rows[0]['steps']} training steps each", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| size | levels | steps | batch | train s | unseen PSNR | unseen SSIM | strips PSNR | usage | "
+             "bits/image |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        usage = " / ".join(f"{u:.0%}" for u in r["usage_by_level"]) + " (top / bottom)" if r["usage_by_level"] \
+            else f"{r['codebook_usage']:.0%}"
+        lines.append(f"| {r['size']} px | {r['levels']} | {r['steps']} | {r['batch_size']} | "
+                     f"{r['train_seconds']:.0f} | {r['unseen_psnr']:.2f} dB | {r['unseen_ssim']:.3f} | "
+                     f"{r['strips_psnr']:.2f} dB | {usage} | {r['bits_per_image']:.0f} |")
+    return "\n".join(lines)
+
+
+def prior_table(rows: list[dict]) -> str:
+    lines = ["| model | prior steps | prior NLL (nats/image) | unigram baselines (nats/image) | below unigram | "
+             "bits/dim bound | 16 samples drawn and decoded |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "prior_steps" in r:
+            lines.append(f"| {r['size']} px, {r['levels']} level(s) | {r['prior_steps']} | "
+                         f"{r['prior_nats_per_image']:.0f} | {r['unigram_nats_per_image']:.0f} | "
+                         f"{r['reduction_vs_unigram']:.1%} | {r['bits_per_dim_pixelcnn']:.3f} | "
+                         f"{r['sample16_s']:.1f} s |")
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    out = []
+    for size in sorted({r["size"] for r in rows}):
+        pair = {r["levels"]: r for r in rows if r["size"] == size}
+        if len(pair) == 2:
+            gain = pair[2]["unseen_psnr"] - pair[1]["unseen_psnr"]
+            out.append(f"{size} px, {pair[1]['steps']} steps each: the 2-level model's unseen-photo PSNR is "
+                       f"{gain:+.2f} dB against the 1-level model's with the same {size // 4}x{size // 4} bottom "
+                       f"grid, for {pair[2]['bits_per_image'] / pair[1]['bits_per_image'] - 1:+.0%} bits per image.")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="128,256", help="comma-separated image sizes (multiples of 8)")
+    p.add_argument("--steps", default="600,250", help="training steps per size (one value, or one per size)")
+    p.add_argument("--batch-size", type=int, default=Config.batch_size)
+    p.add_argument("--prior-steps", type=int, default=0, help="train and evaluate priors at the first size")
+    p.add_argument("--passes", type=int, default=20, help="extract_codes passes for the priors")
+    p.add_argument("--out", default="runs/bench_levels", help="folder for the run folders")
+    p.add_argument("--json", default=None, help="also write the rows as JSON")
+    p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    args = p.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    steps = [int(s) for s in args.steps.split(",")]
+    steps = steps * len(sizes) if len(steps) == 1 else steps
+    if len(steps) != len(sizes):
+        raise SystemExit("--steps takes one value, or one per --sizes entry")
+    rows = [r for size, n in zip(sizes, steps) for r in train_pair(size, n, args.batch_size, Path(args.out))]
+    first = [r for r in rows if r["size"] == sizes[0]]
+    if args.prior_steps:
+        for r in first:
+            r.update(prior_row(r, args.prior_steps, args.passes))
+    text = table(rows) + "\n\n" + "\n".join(f"- {v}" for v in verdicts(rows))
+    if args.prior_steps:
+        text += "\n\n" + prior_table(rows)
+        two = next(r for r in first if r["levels"] == 2)
+        text += (f"\n\n- The 2-level prior's NLL is {two['reduction_vs_unigram']:.1%} below the sum of its two "
+                 f"levels' unigram baselines (floor 25%); 16 samples at {sizes[0]}x{sizes[0]} are drawn and decoded in "
+                 f"{two['sample16_s']:.1f} s (floor 30 s).")
+    if args.write:
+        figure(first, FIGURE)
+        text += f"\n\n![one level or two](model_visualisation/{FIGURE.name})"
+    print(text)
+    for r in rows:
+        r.pop("sample_images", None)
+    note = (f"Machine: {machine()}, bf16 autocast where the CPU has it. train.Config's defaults (batch "
+            f"{args.batch_size}, seed 0), the built-in sample at each size; PSNR/SSIM on the 4 unseen photos and "
+            f"the held-out strips.")
+    publish("bench_levels.py", "One level or two: `bench_levels.py`", argv, note + "\n\n" + text, args.write,
+            args.json, {"rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,7 +43,7 @@ class Mutation:
 
 
 P, PD, PR = "tests/test_promises.py", "tests/test_promises_data.py", "tests/test_promises_runs.py"
-L = "tests/test_prior_levels.py"
+L, H = "tests/test_prior_levels.py", "tests/test_hierarchy.py"
 MUTATIONS = [
     # ---- the quantizers' maths (README "The model")
     Mutation("nearest-code-distance", "The model", "models.py",
@@ -283,6 +283,20 @@ MUTATIONS = [
     Mutation("prior-resume-ignores-levels", "Generation", "train_prior.py",
              "        if prior_levels(ckpt) != levels:", "        if False:",
              (f"{L}::test_train_prior_given_the_other_kind",)),
+    Mutation("bottom-ignores-top", "Two levels", "hierarchy.py",
+             "return self.join(torch.cat([h_b, self.top_decoder(e_top)], 1))",
+             "return self.join(torch.cat([h_b, 0 * self.top_decoder(e_top)], 1))",
+             (f"{H}::test_the_bottom_code_depends_on_the_top_code_and_the_decoder_on_both",)),
+    Mutation("decoder-ignores-top", "Two levels", "hierarchy.py",
+             "torch.cat([self.upsample_top(e_top), e_bottom], 1)",
+             "torch.cat([0 * self.upsample_top(e_top), e_bottom], 1)",
+             (f"{H}::test_the_bottom_code_depends_on_the_top_code_and_the_decoder_on_both",)),
+    Mutation("usage-is-the-better-level", "Two levels", "evaluate.py",
+             '"codebook_usage": min(usage),', '"codebook_usage": max(usage),',
+             (f"{H}::test_a_2_level_checkpoint_rebuilds_its_model_and_evaluate_reports_both_codebooks",)),
+    Mutation("build-ignores-levels", "Two levels", "checkpoint.py",
+             'if args.pop("levels") == 2:', 'if args.pop("levels") == 3:',
+             (f"{H}::test_a_2_level_checkpoint_rebuilds_its_model_and_evaluate_reports_both_codebooks",)),
 ]
 
 

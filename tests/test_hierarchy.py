@@ -15,6 +15,7 @@ import evaluate
 import train
 from checkpoint import Config, build_model, load_checkpoint
 from hierarchy import VQVAE2
+from image_data import build_data
 from models import VQVAE
 from tests.ddp_worker import tiny
 
@@ -108,7 +109,13 @@ def test_a_2_level_checkpoint_rebuilds_its_model_and_evaluate_reports_both_codeb
     capsys.readouterr()
     assert evaluate.main(["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--device", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert 0 < report["codebook_usage_top"] <= 1 and 0 < report["codebook_usage_bottom"] <= 1
+    # each level's usage by hand: the distinct codes of encode(x) over the validation split
+    val = build_data("sample", 32).val
+    x = torch.stack([val[i][0] for i in range(len(val))]).float() / 255 - 0.5
+    top, bottom = model.encode(x)
+    k = config.num_embeddings
+    assert report["codebook_usage_top"] == pytest.approx(top.unique().numel() / k)
+    assert report["codebook_usage_bottom"] == pytest.approx(bottom.unique().numel() / k)
     assert report["codebook_usage"] == min(report["codebook_usage_top"], report["codebook_usage_bottom"])
     assert report["perplexity"] == report["perplexity_bottom"]
     assert report["psnr"] == pytest.approx(result.final["psnr"], abs=1e-6)

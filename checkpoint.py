@@ -49,7 +49,7 @@ class Config:
     downsample: int = 4             # the encoder's downsampling factor: 4 (the paper) or 8 (for 128-256 px images)
     levels: int = 1                 # 1: the VQ-VAE; 2: VQ-VAE-2's bottom (/4) and top (/8) code maps (hierarchy.py)
     embedding_dim: int = 64         # D, dimension of each code
-    num_embeddings: int = 512       # K, number of codes
+    num_embeddings: int = 2048      # K, number of codes (the paper: 512)
     beta: float = 0.25              # commitment weight, beta in eq. 3
     quantizer: str = "ema"          # ema (moving averages, appendix A.1), vq (codebook loss, eq. 3) or fsq
     decay: float = 0.99             # EMA decay gamma (ema quantizer only)
@@ -60,8 +60,8 @@ class Config:
     rotation_trick: bool = False    # rotation-trick gradients through the vq quantizer (arXiv 2410.06424)
     fsq_levels: str = ""            # FSQ levels, e.g. 8,5,5,5 (empty: the paper's choice for num_embeddings)
     # optimisation
-    steps: int = 1900               # optimizer steps in total (a resumed run continues up to this number)
-    batch_size: int = 16            # images per step (per process under torchrun)
+    steps: int = 2842               # optimizer steps in total (a resumed run continues up to this number)
+    batch_size: int = 8             # images per step (per process under torchrun)
     lr: float = 1e-3                # Adam's peak learning rate (the paper: a constant 2e-4, see --lr-schedule)
     lr_schedule: str = "cosine"     # cosine (decays to 0 at --steps) or constant (the paper)
     warmup_steps: int = 100         # steps of linear warm-up from 0 to --lr

@@ -671,7 +671,7 @@ class VQVAE(nn.Module):
     """
 
     def __init__(self, hidden_channels: int = 128, residual_channels: int = 32, num_residual_blocks: int = 2,
-                 embedding_dim: int = 64, num_embeddings: int = 512, beta: float = 0.25, quantizer: str = "ema",
+                 embedding_dim: int = 64, num_embeddings: int = 2048, beta: float = 0.25, quantizer: str = "ema",
                  decay: float = 0.99, eps: float = 1e-5, kmeans_init: bool = True, restart_threshold: float = 1.0,
                  cosine: bool = True, lookup_dim: int = 4, rotation_trick: bool = False,
                  fsq_levels: Sequence[int] | None = None, in_channels: int = 3, block: str = "paper",

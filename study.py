@@ -58,6 +58,16 @@ VARIANTS: dict[str, dict] = {
     "recipe + modern block + K = 2048": dict(RECIPE, block="modern", num_embeddings=2048),
     "lr 2e-3, warm-up, cosine decay": dict(RECIPE, lr=2e-3),
     "recipe + batch 16": dict(RECIPE, batch_size=16),
+    "recipe + batch 8": dict(RECIPE, batch_size=8),
+    "recipe + batch 16 + width 64": dict(RECIPE, batch_size=16, hidden_channels=64),
+    "recipe + batch 16 + K = 2048": dict(RECIPE, batch_size=16, num_embeddings=2048),
+    "recipe + batch 16 + lr 2e-3": dict(RECIPE, batch_size=16, lr=2e-3),
+    "recipe + batch 16 + residual width 64": dict(RECIPE, batch_size=16, residual_channels=64),
+    "recipe + batch 16 + EMA decay 0.95": dict(RECIPE, batch_size=16, decay=0.95),
+    "recipe + batch 8 + K = 2048": dict(RECIPE, batch_size=8, num_embeddings=2048),
+    "recipe + batch 16 + width 64 + K = 2048": dict(RECIPE, batch_size=16, hidden_channels=64, num_embeddings=2048),
+    "recipe + batch 8 + width 64 + K = 2048": dict(RECIPE, batch_size=8, hidden_channels=64, num_embeddings=2048),
+    "recipe + batch 16 + K = 4096": dict(RECIPE, batch_size=16, num_embeddings=4096),
 }
 
 
@@ -148,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--plan", action="store_true", help="measure step times and write study_plan.json")
     p.add_argument("--budget", type=float, default=BUDGET_S, help="training seconds per variant (with --plan)")
+    p.add_argument("--plan-steps", type=int, default=40, help="steps timed per variant (with --plan)")
     p.add_argument("--only", default="", help="comma-separated substrings: run the variants whose name has one")
     p.add_argument("--leaders", type=int, default=3, help="variants besides today's default that get seed 1")
     p.add_argument("--json", default=None, help="append each run as a JSON line; runs already there are skipped")
@@ -158,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         plan = json.loads(PLAN.read_text()) if PLAN.exists() else {}
         for name in names:
-            rate = measure_rate(name)
+            rate = measure_rate(name, args.plan_steps)
             plan[name] = {"steps": int(args.budget * rate), "steps_per_s": round(rate, 3), "budget_s": args.budget}
             print(f"{name}: {rate:.2f} steps/s -> {plan[name]['steps']} steps", flush=True)
             PLAN.write_text(json.dumps(plan, indent=2) + "\n")
@@ -166,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = json.loads(PLAN.read_text())
     rows = [json.loads(line) for line in Path(args.json).read_text().splitlines()] \
         if args.json and Path(args.json).exists() else []
+    # a row trained for other steps than the plan's (the variant was planned anew since) is run again
+    rows = [r for r in rows if r["variant"] in plan and r["steps"] == plan[r["variant"]]["steps"]]
 
     def ensure(name: str, seed: int) -> None:
         if any(r["variant"] == name and r["seed"] == seed for r in rows):
@@ -201,7 +214,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"bf16 autocast where the CPU has it), 64x64 crops of the built-in sample, batch 32 unless the "
                 f"variant says otherwise; steps fixed in study_plan.json. PSNR and SSIM (11-pixel Gaussian window, "
                 f"sigma 1.5, data range 1) on the 4 unseen photos and on the held-out strips of the training "
-                f"photos; usage over the whole validation split. Unseen-photo PSNR against training seconds: "
+                f"photos; usage over the whole validation split. The steps come from `--plan` timings: of 40 steps for "
+                f"the first 15 variants (an earlier session, which ran today's default at 925 steps), of 300 steps "
+                f"with every other job paused for today's default and the `recipe + batch` variants (`--plan "
+                f"--plan-steps 300`); a row trained for other steps than the plan's is dropped and run again. Train "
+                f"seconds over the budget come from 40-step timings that were optimistic (by up to 15%) and from "
+                f"runs that shared the 2 cores with other jobs (seed 0 of today's default, 192 s, and of batch 8 + K "
+                f"= 2048, 151 s; recipe + batch 16, 396 s; EMA decay 0.95, 171 s); neither changes the steps, so "
+                f"neither changes a PSNR. Unseen-photo PSNR against training seconds: "
                 f"![study](model_visualisation/study.png)")
         publish("study.py", "Quality per second: `study.py`", argv, note + "\n\n" + text, True)
     return 0

@@ -258,12 +258,12 @@ def test_quantizer_output_fields_in_the_documented_order():
 def test_config_defaults_are_the_ones_readme_states():
     """Values copied by hand from README (command-line table, codebook-health table, the default run)."""
     c = Config()
-    assert (c.data, c.image_size, c.batch_size, c.steps, c.lr) == ("sample", 64, 16, 1900, 1e-3)
+    assert (c.data, c.image_size, c.batch_size, c.steps, c.lr) == ("sample", 64, 8, 2842, 1e-3)
     assert (c.lr_schedule, c.warmup_steps) == ("cosine", 100)
     assert (c.block, c.attention, c.downsample) == ("paper", False, 4)
     assert (c.quantizer, c.kmeans_init, c.restart_threshold) == ("ema", True, 1.0)
     assert (c.cosine, c.lookup_dim, c.rotation_trick, c.fsq_levels) == (True, 4, False, "")
-    assert (c.num_embeddings, c.embedding_dim, c.beta) == (512, 64, 0.25)
+    assert (c.num_embeddings, c.embedding_dim, c.beta) == (2048, 64, 0.25)
     assert (c.hidden_channels, c.residual_channels, c.num_residual_blocks) == (128, 32, 2)
     assert (c.device, c.amp, c.compile, c.out, c.resume) == ("auto", "auto", False, "runs/sample", False)
     assert (c.eval_every, c.checkpoint_every, c.log_every, c.val_fraction) == (500, 0, 50, 0.1)

@@ -140,13 +140,15 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for i, name in enumerate(VARIANTS):
-        runs = [r for r in rows if r["variant"] == name and r["seed"] == 0]
+        # the seed whose run took the fewest seconds: a run that shared the CPU with other jobs stretches its curve
+        runs = sorted((r for r in rows if r["variant"] == name), key=lambda r: r["train_seconds"])
         if runs:
             seconds, psnr = zip(*runs[0]["curve"])
-            ax.plot(seconds, psnr, marker="os^"[i // 10], linestyle="-" if i < 10 else "--", label=name)
+            slow = " (beside other jobs)" if runs[0]["train_seconds"] > 1.25 * BUDGET_S else ""
+            ax.plot(seconds, psnr, marker="os^"[i // 10], linestyle="-" if i < 10 else "--", label=name + slow)
     ax.set_xlabel("training seconds (2-core CPU)")
     ax.set_ylabel("PSNR on the 4 unseen photos (dB)")
-    ax.set_title("VQ-VAE variants at an equal wall-clock budget (seed 0)")
+    ax.set_title("VQ-VAE variants at an equal wall-clock budget (of each variant's seeds, the fastest run)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

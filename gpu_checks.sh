@@ -4,7 +4,7 @@
 #
 #     bash gpu_checks.sh [OUT_FOLDER]          # default: $OUT if set (the device tool's folder), else gpu_out/
 #
-# Each step runs under its own timeout (400 s at most in all, under 7 minutes) and writes its log into the folder; the last
+# Each step runs under its own timeout (410 s at most in all, under 7 minutes) and writes its log into the folder; the last
 # lines of summary.txt say which steps passed. A failing step does not stop the others.
 set -u
 cd "$(dirname "$0")"
@@ -31,8 +31,10 @@ step cuda_tests 110 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 
 step train_cuda 40 python3 train.py --device cuda --steps 300 --eval-every 300 --no-progress --out "$out/run" \
     --overwrite
 step evaluate_cuda 20 python3 evaluate.py --checkpoint "$out/run/checkpoint.pt" --device cuda
+step train_levels2_cuda 30 python3 train.py --device cuda --levels 2 --image-size 128 --steps 100 --eval-every 100 \
+    --no-progress --out "$out/run2" --overwrite
 # (a CUDA checkpoint in a CPU-only process and torchrun with NCCL on one GPU are among the CUDA tests)
-step bench_gpu 150 python3 bench.py --device cuda --compile --repeats 3 --steps-per-repeat 5 --e2e-steps 100 \
+step bench_gpu 130 python3 bench.py --device cuda --compile --repeats 3 --steps-per-repeat 5 --e2e-steps 100 \
     --json "$out/bench.json"
 if [ -f bench_data.py ]; then
     step bench_data_gpu 60 python3 bench_data.py --device cuda --images 2000 --image-size 128 \

@@ -27,19 +27,32 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from bench_report import ROOT, machine, publish
-from checkpoint import Config, load_checkpoint
+from checkpoint import Config, config_from_dict, load_checkpoint, read_checkpoint
+from runs import CheckpointError
 from train import train
 
 FIGURE = ROOT / "model_visualisation" / "levels.png"
 
 
-def train_pair(size: int, steps: int, batch_size: int, out: Path, seed: int = 0) -> list[dict]:
-    """Train the 1-level and the 2-level model at `size` px for `steps` steps; one row of figures for each."""
+def finished_run(folder: Path, c: Config) -> tuple[dict, float] | None:
+    """(final metrics, training seconds) of a run folder that already holds this very run, finished; else None."""
+    try:
+        ckpt = read_checkpoint(folder / "checkpoint.pt")
+    except (CheckpointError, OSError):
+        return None
+    same = config_from_dict(ckpt["config"]) == replace(c, overwrite=ckpt["config"]["overwrite"])
+    return (ckpt["metrics"], ckpt["elapsed"]) if same and ckpt["step"] == c.steps and ckpt.get("metrics") else None
+
+
+def train_pair(size: int, steps: int, batch_size: int, out: Path, seed: int = 0, reuse: bool = False) -> list[dict]:
+    """Train the 1-level and the 2-level model at `size` px for `steps` steps; one row of figures for each. With
+    `reuse`, a run folder that already holds the same finished run is read instead of trained again."""
     rows = []
     for levels in (1, 2):
         folder = out / f"{size}px-{levels}-level"
@@ -47,12 +60,17 @@ def train_pair(size: int, steps: int, batch_size: int, out: Path, seed: int = 0)
                    overwrite=True, progress=False, eval_every=steps, log_every=max(1, steps // 10),
                    warmup_steps=min(Config.warmup_steps, steps // 5))
         start = time.perf_counter()
-        result = train(c)
-        seconds = time.perf_counter() - start
-        f = result.final
+        done = finished_run(folder, c) if reuse else None
+        if done:
+            f, train_seconds = done
+            seconds = train_seconds
+        else:
+            result = train(c)
+            f, train_seconds = result.final, result.history[-1]["elapsed_s"]
+            seconds = time.perf_counter() - start
         positions = (size // 4) ** 2 + ((size // 8) ** 2 if levels == 2 else 0)
         rows.append({"size": size, "levels": levels, "steps": steps, "batch_size": batch_size, "seed": seed,
-                     "seconds": round(seconds, 1), "train_seconds": result.history[-1]["elapsed_s"],
+                     "seconds": round(seconds, 1), "train_seconds": round(train_seconds, 2),
                      "unseen_psnr": f["unseen_psnr"], "unseen_ssim": f["unseen_ssim"],
                      "strips_psnr": f["strips_psnr"], "strips_ssim": f["strips_ssim"],
                      "codebook_usage": f["codebook_usage"],
@@ -63,7 +81,7 @@ def train_pair(size: int, steps: int, batch_size: int, out: Path, seed: int = 0)
     return rows
 
 
-def prior_row(row: dict, steps: int, passes: int) -> dict:
+def prior_row(row: dict, steps: int, passes: int, batch_size: int = 32) -> dict:
     """Extract the codes of `row`'s model, train its prior and evaluate it (see the module docstring)."""
     from evaluate_prior import evaluate_prior
     from extract_codes import extract_codes
@@ -74,6 +92,7 @@ def prior_row(row: dict, steps: int, passes: int) -> dict:
     start = time.perf_counter()
     extract_codes(row["checkpoint"], folder / "codes.pt", passes, progress=False, device="cpu")
     c = PriorConfig(codes=str(folder / "codes.pt"), out=str(folder / "prior"), steps=steps, overwrite=True,
+                    batch_size=batch_size, log_every=max(1, steps // 10),
                     progress=False, eval_every=steps, attention=row["levels"] == 2, device="cpu")
     result = train_prior(c)
     r = evaluate_prior(str(folder / "prior" / "checkpoint.pt"), torch.device("cpu"), bits_per_dim=True)
@@ -90,7 +109,7 @@ def prior_row(row: dict, steps: int, passes: int) -> dict:
         t = time.perf_counter()
         _, images = generate(result.model, vqvae, 16, shape, seed=seed)
         times.append(time.perf_counter() - t)
-    out = {"prior_steps": steps, "passes": passes, "prior_nats_per_image": prior_nats,
+    out = {"prior_steps": steps, "prior_batch_size": batch_size, "passes": passes, "prior_nats_per_image": prior_nats,
            "unigram_nats_per_image": unigram_nats, "reduction_vs_unigram": 1 - prior_nats / unigram_nats,
            "bits_per_dim_pixelcnn": r["bits_per_dim_bound"]["pixelcnn"], "sample16_s": statistics.median(times[1:]),
            "pipeline_s": round(seconds, 1), "sample_images": images[:8]}
@@ -149,7 +168,8 @@ def prior_table(rows: list[dict]) -> str:
              "bits/dim bound | 16 samples drawn and decoded |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "prior_steps" in r:
-            lines.append(f"| {r['size']} px, {r['levels']} level(s) | {r['prior_steps']} | "
+            lines.append(f"| {r['size']} px, {r['levels']} level(s) | {r['prior_steps']} of batch "
+                         f"{r['prior_batch_size']} | "
                          f"{r['prior_nats_per_image']:.0f} | {r['unigram_nats_per_image']:.0f} | "
                          f"{r['reduction_vs_unigram']:.1%} | {r['bits_per_dim_pixelcnn']:.3f} | "
                          f"{r['sample16_s']:.1f} s |")
@@ -176,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prior-steps", type=int, default=0, help="train and evaluate priors at the first size")
     p.add_argument("--passes", type=int, default=20, help="extract_codes passes for the priors")
     p.add_argument("--out", default="runs/bench_levels", help="folder for the run folders")
+    p.add_argument("--reuse", action="store_true", help="read run folders that already hold the same finished run")
+    p.add_argument("--prior-batch-size", type=int, default=32, help="code maps per prior step")
     p.add_argument("--json", default=None, help="also write the rows as JSON")
     p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = p.parse_args(argv)
@@ -184,11 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     steps = steps * len(sizes) if len(steps) == 1 else steps
     if len(steps) != len(sizes):
         raise SystemExit("--steps takes one value, or one per --sizes entry")
-    rows = [r for size, n in zip(sizes, steps) for r in train_pair(size, n, args.batch_size, Path(args.out))]
+    rows = [r for size, n in zip(sizes, steps) for r in train_pair(size, n, args.batch_size, Path(args.out),
+                                                                      reuse=args.reuse)]
     first = [r for r in rows if r["size"] == sizes[0]]
     if args.prior_steps:
         for r in first:
-            r.update(prior_row(r, args.prior_steps, args.passes))
+            r.update(prior_row(r, args.prior_steps, args.passes, args.prior_batch_size))
     text = table(rows) + "\n\n" + "\n".join(f"- {v}" for v in verdicts(rows))
     if args.prior_steps:
         text += "\n\n" + prior_table(rows)

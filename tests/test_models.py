@@ -192,6 +192,7 @@ def test_perplexity_extremes():
 def tiny_vqvae(**kw):
     """A small model with the repo's default codebook options (train.Config's)."""
     args = model_args(Config())
+    del args["levels"]          # Config's choice between VQVAE and hierarchy.VQVAE2
     args.update(hidden_channels=16, residual_channels=8, num_residual_blocks=2, embedding_dim=8, num_embeddings=32)
     args.update(kw)
     return VQVAE(**args)

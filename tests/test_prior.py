@@ -258,6 +258,8 @@ def test_extraction_writes_the_codes_of_every_pass(pipeline):
     assert on_disk["val_codes"].shape == (4, 4, 4)
     assert on_disk["vqvae_checkpoint"] == str(pipeline["vqvae_ckpt"].resolve())
     assert on_disk["vqvae_config"] == torch.load(pipeline["vqvae_ckpt"], weights_only=True)["config"]
+    # what extract_codes returns is what it wrote
+    assert all(torch.equal(codes[k], on_disk[k]) for k in ("train_codes", "train_labels", "val_codes", "val_labels"))
     # independent: encode every image with a fresh copy of the model, pass 0 plain, passes 1-2 flipped by the seed
     model, config, _ = checkpoint.load_checkpoint(pipeline["vqvae_ckpt"])
     splits = build_data(str(pipeline["data"]), 16)

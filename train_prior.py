@@ -222,20 +222,25 @@ def nll_per_map(model: GatedPixelCNN, codes: torch.Tensor, labels: torch.Tensor 
 
 def nll_metrics(nll: torch.Tensor, codes_per_map: int) -> dict:
     """Per-map NLLs (nats) -> mean NLL per code in nats and in bits."""
-    nats = nll.sum().item() / (len(nll) * codes_per_map)
-    return {"nll_nats": nats, "nll_bits": nats / math.log(2)}
+    return per_code_record([nll.sum().item() / (len(nll) * codes_per_map)], [codes_per_map])
+
+
+def per_code_record(nats: list[float], codes_per_map: list[int]) -> dict:
+    """Each level's mean NLL per code (nats) -> nll_nats, nll_bits for one level; for two, each level's
+    (top_nll_nats, ..., bottom_nll_bits) and nll_nats_per_image, both levels' per-code NLL times their codes per map,
+    summed (the mean over images of both levels' sum)."""
+    if len(nats) == 1:
+        return {"nll_nats": nats[0], "nll_bits": nats[0] / math.log(2)}
+    out = {}
+    for name, x in zip(("top", "bottom"), nats):
+        out.update({f"{name}_nll_nats": x, f"{name}_nll_bits": x / math.log(2)})
+    out["nll_nats_per_image"] = sum(x * n for x, n in zip(nats, codes_per_map))
+    return out
 
 
 def level_metrics(nlls: list[torch.Tensor], codes_per_map: list[int]) -> dict:
-    """Per-map NLLs of each level (nats) -> nll_nats, nll_bits per code for one level; for two, each level's
-    (top_nll_nats, ..., bottom_nll_bits) and nll_nats_per_image, the mean over images of both levels' sum."""
-    if len(nlls) == 1:
-        return nll_metrics(nlls[0], codes_per_map[0])
-    out = {}
-    for name, nll, n in zip(("top", "bottom"), nlls, codes_per_map):
-        out.update({f"{name}_{k}": v for k, v in nll_metrics(nll, n).items()})
-    out["nll_nats_per_image"] = (nlls[0] + nlls[1]).mean().item()
-    return out
+    """Per-map NLLs of each level (nats) -> `per_code_record` of their means per code."""
+    return per_code_record([nll_metrics(nll, n)["nll_nats"] for nll, n in zip(nlls, codes_per_map)], codes_per_map)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,7 +372,7 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
             if step % c.log_every == 0 or evaluate_now:
                 now = time.perf_counter()
                 elapsed += now - tick
-                record = {"step": step, **train_record(totals, since_log, codes_per_map),
+                record = {"step": step, **per_code_record([t / since_log for t in totals], codes_per_map),
                           "maps_per_s": since_log * c.batch_size / max(now - tick, 1e-9),
                           "elapsed_s": round(elapsed, 2)}
                 if evaluate_now:
@@ -386,17 +391,6 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
     if not final:
         final = validate()
     return TrainPriorResult(model.eval(), metrics.history, final, out)
-
-
-def train_record(totals: list[float], steps: int, codes_per_map: list[int]) -> dict:
-    """The training fields of a metrics record from each level's summed per-code NLL over `steps` steps."""
-    if len(totals) == 1:
-        return {"nll_nats": totals[0] / steps, "nll_bits": totals[0] / steps / math.log(2)}
-    out = {}
-    for name, total in zip(("top", "bottom"), totals):
-        out.update({f"{name}_nll_nats": total / steps, f"{name}_nll_bits": total / steps / math.log(2)})
-    out["nll_nats_per_image"] = sum(t / steps * n for t, n in zip(totals, codes_per_map))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

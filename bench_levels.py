@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="128,256", help="comma-separated image sizes (multiples of 8)")
     p.add_argument("--steps", default="600,250", help="training steps per size (one value, or one per size)")
     p.add_argument("--batch-size", type=int, default=Config.batch_size)
+    p.add_argument("--seed", type=int, default=0, help="seed of every run (the floors are read at seed 0)")
     p.add_argument("--prior-steps", type=int, default=0, help="train and evaluate priors at the first size")
     p.add_argument("--passes", type=int, default=20, help="extract_codes passes for the priors")
     p.add_argument("--out", default="runs/bench_levels", help="folder for the run folders")
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(steps) != len(sizes):
         raise SystemExit("--steps takes one value, or one per --sizes entry")
     rows = [r for size, n in zip(sizes, steps) for r in train_pair(size, n, args.batch_size, Path(args.out),
-                                                                      reuse=args.reuse)]
+                                                                      args.seed, args.reuse)]
     first = [r for r in rows if r["size"] == sizes[0]]
     if args.prior_steps:
         for r in first:
@@ -226,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r.pop("sample_images", None)
     note = (f"Machine: {machine()}, bf16 autocast where the CPU has it. train.Config's defaults (batch "
-            f"{args.batch_size}, seed 0), the built-in sample at each size; PSNR/SSIM on the 4 unseen photos and "
-            f"the held-out strips.")
+            f"{args.batch_size}, seed {args.seed}), the built-in sample at each size; PSNR/SSIM on the 4 unseen "
+            f"photos and the held-out strips.")
     publish("bench_levels.py", "One level or two: `bench_levels.py`", argv, note + "\n\n" + text, args.write,
             args.json, {"rows": rows})
     return 0

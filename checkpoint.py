@@ -48,6 +48,7 @@ class Config:
     attention: bool = False         # one self-attention block at the lowest resolution of encoder and decoder
     downsample: int = 4             # the encoder's downsampling factor: 4 (the paper) or 8 (for 128-256 px images)
     levels: int = 1                 # 1: the VQ-VAE; 2: VQ-VAE-2's bottom (/4) and top (/8) code maps (hierarchy.py)
+    top_residual_blocks: int = 0    # with --levels 2: residual blocks in the top encoder and top decoder
     embedding_dim: int = 64         # D, dimension of each code
     num_embeddings: int = 2048      # K, number of codes (the paper: 512)
     beta: float = 0.25              # commitment weight, beta in eq. 3
@@ -85,9 +86,9 @@ class Config:
     tensorboard: bool = False       # also write TensorBoard event files into --out (tensorboard --logdir runs)
 
 
-MODEL_FIELDS = ("levels", "hidden_channels", "residual_channels", "num_residual_blocks", "block", "attention",
-                "downsample", "embedding_dim", "num_embeddings", "beta", "quantizer", "decay", "kmeans_init",
-                "restart_threshold", "cosine", "lookup_dim", "rotation_trick", "fsq_levels")
+MODEL_FIELDS = ("levels", "top_residual_blocks", "hidden_channels", "residual_channels", "num_residual_blocks",
+                "block", "attention", "downsample", "embedding_dim", "num_embeddings", "beta", "quantizer", "decay",
+                "kmeans_init", "restart_threshold", "cosine", "lookup_dim", "rotation_trick", "fsq_levels")
 
 
 def check_config(c: Config) -> None:
@@ -131,6 +132,7 @@ def check_config(c: Config) -> None:
     if c.lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"--lr-schedule must be constant or cosine, got {c.lr_schedule!r}")
     require_at_least("warmup-steps", c.warmup_steps, 0)
+    require_at_least("top-residual-blocks", c.top_residual_blocks, 0)
     if c.levels not in (1, 2):
         raise ConfigError(f"--levels must be 1 (VQ-VAE) or 2 (VQ-VAE-2), got {c.levels}")
     if c.levels == 2 and c.downsample != 4:
@@ -154,7 +156,10 @@ def learning_rate(c: Config, step: int) -> float:
 
 
 def model_args(c: Config) -> dict:
+    """The model's constructor arguments and "levels"; top_residual_blocks only for the 2-level model."""
     args = {name: getattr(c, name) for name in MODEL_FIELDS}
+    if c.levels != 2:
+        del args["top_residual_blocks"]
     args["fsq_levels"] = tuple(int(v) for v in c.fsq_levels.split(",")) if c.fsq_levels else None
     return args
 
@@ -190,7 +195,11 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def config_from_dict(d: dict) -> Config:
     known = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in d.items() if k in known})
+    d = {k: v for k, v in d.items() if k in known}
+    if d.get("levels") == 2 and "top_residual_blocks" not in d:
+        # written before the field existed, when the top had the bottom's residual stacks
+        d["top_residual_blocks"] = d.get("num_residual_blocks", Config.num_residual_blocks)
+    return Config(**d)
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[VQVAE, Config, dict]:

@@ -66,6 +66,11 @@ class VQVAE2(nn.Module):
     `decode((top, bottom)) -> x`. Both levels have num_embeddings codes of embedding_dim dimensions and the same
     quantizer options (see models.VQVAE); block applies to every residual stack, attention adds one self-attention
     block in the top encoder and the top decoder (the lowest resolution).
+
+    num_residual_blocks sets the bottom encoder's and the decoder's stacks, top_residual_blocks the top encoder's
+    and the top decoder's. The paper gives the top the same stacks as the bottom; trained on the built-in sample's
+    15 photos, a top without them (0, the default) reconstructs unseen photos 0.5 dB better at 128 px: the deeper
+    top fits the training photos and its codes carry over less (BENCHMARKS.md, bench_levels).
     Example: [c.shape for c in VQVAE2().encode(torch.zeros(2, 3, 128, 128))] == [(2, 16, 16), (2, 32, 32)].
     """
 
@@ -76,13 +81,14 @@ class VQVAE2(nn.Module):
                  decay: float = 0.99, eps: float = 1e-5, kmeans_init: bool = True, restart_threshold: float = 1.0,
                  cosine: bool = True, lookup_dim: int = 4, rotation_trick: bool = False,
                  fsq_levels: Sequence[int] | None = None, in_channels: int = 3, block: str = "paper",
-                 attention: bool = False):
+                 attention: bool = False, top_residual_blocks: int = 0):
         super().__init__()
         stack = (hidden_channels, residual_channels, num_residual_blocks)
+        top_stack = (hidden_channels, residual_channels, top_residual_blocks)
         # the bottom encoder is the 1-level encoder ending in hidden channels instead of D
         self.encoder = Encoder(*stack, embedding_dim=hidden_channels, in_channels=in_channels, block=block)
-        self.top_encoder = TopEncoder(*stack, embedding_dim, block, attention)
-        self.top_decoder = TopDecoder(*stack, embedding_dim, block, attention)
+        self.top_encoder = TopEncoder(*top_stack, embedding_dim, block, attention)
+        self.top_decoder = TopDecoder(*top_stack, embedding_dim, block, attention)
         self.join = nn.Conv2d(hidden_channels + embedding_dim, embedding_dim, kernel_size=1)
         self.upsample_top = nn.ConvTranspose2d(embedding_dim, embedding_dim, kernel_size=4, stride=2, padding=1)
         self.decoder = Decoder(*stack, embedding_dim=2 * embedding_dim, out_channels=in_channels, block=block)

@@ -81,6 +81,8 @@ def describe(module: nn.Module) -> list[str]:
         kernels = "-".join(f"{c.kernel_size[0]}x{c.kernel_size[1]}" for c in (first, second))
         return [f"{len(module.blocks)}× {kind}", kernels,
                 f"{first.in_channels}→{first.out_channels}→{second.out_channels}"]
+    if isinstance(module, ResidualStack):           # no blocks: only the stack's closing activation
+        return ["GN-SiLU" if module.norm is not None else "ReLU", "(0 ResBlocks)"]
     if isinstance(module, SelfAttention):
         return ["Self-attention", "1 head", f"{module.proj.in_channels} ch"]
     return [type(module).__name__]

@@ -13,10 +13,11 @@ import torch
 
 import evaluate
 import train
-from checkpoint import Config, build_model, load_checkpoint
+from checkpoint import Config, build_model, check_config, load_checkpoint, save_checkpoint
 from hierarchy import VQVAE2
 from image_data import build_data
 from models import VQVAE
+from runs import ConfigError
 from tests.ddp_worker import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +71,9 @@ def test_each_level_takes_its_nearest_code_and_the_bottom_sees_the_quantized_top
 
 
 def test_the_bottom_code_depends_on_the_top_code_and_the_decoder_on_both():
-    model = small()
+    # with a residual block at the top: this tiny untrained model's default (no top blocks) happens to send every
+    # bottom vector to one code whatever the top says, which would test nothing
+    model = small(top_residual_blocks=1)
     x = torch.rand(4, 3, 64, 64) - 0.5
     top, bottom = model.encode(x)
     with torch.no_grad():
@@ -119,6 +122,29 @@ def test_a_2_level_checkpoint_rebuilds_its_model_and_evaluate_reports_both_codeb
     assert report["codebook_usage"] == min(report["codebook_usage_top"], report["codebook_usage_bottom"])
     assert report["perplexity"] == report["perplexity_bottom"]
     assert report["psnr"] == pytest.approx(result.final["psnr"], abs=1e-6)
+
+
+def test_the_top_stacks_follow_top_residual_blocks_and_an_older_checkpoint_keeps_its_own(tmp_path):
+    def depth(model):
+        return (len(model.encoder.residual.blocks), len(model.top_encoder.residual.blocks),
+                len(model.top_decoder.residual.blocks), len(model.decoder.residual.blocks))
+    base = dict(levels=2, hidden_channels=8, residual_channels=4, num_residual_blocks=2, embedding_dim=4,
+                num_embeddings=16)
+    assert depth(build_model(Config(**base))) == (2, 0, 0, 2)
+    assert depth(build_model(Config(**base, top_residual_blocks=3))) == (2, 3, 3, 2)
+    with pytest.raises(ConfigError, match="--top-residual-blocks must be at least 0"):
+        check_config(Config(**base, top_residual_blocks=-1))
+    # a 2-level checkpoint written before the field existed had the bottom's stacks at the top too
+    config = Config(**base, top_residual_blocks=2)
+    model = build_model(config)
+    save_checkpoint(tmp_path / "old.pt", model, torch.optim.Adam(model.parameters()), 0, config, 1.0, 0.0)
+    ckpt = torch.load(tmp_path / "old.pt", weights_only=True)
+    del ckpt["config"]["top_residual_blocks"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    loaded, loaded_config, _ = load_checkpoint(tmp_path / "old.pt")
+    assert loaded_config.top_residual_blocks == 2 and depth(loaded) == (2, 2, 2, 2)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 def test_a_resumed_2_level_run_ends_where_an_uninterrupted_one_does(tmp_path):

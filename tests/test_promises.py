@@ -279,6 +279,7 @@ def test_vqvae_defaults_are_the_configs():
     for name, value in args.items():
         assert params[name].default == value, name
         assert name == "downsample" or params2[name].default == value, name
+    assert params2["top_residual_blocks"].default == model_args(Config(levels=2))["top_residual_blocks"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

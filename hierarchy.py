@@ -69,7 +69,7 @@ class VQVAE2(nn.Module):
 
     num_residual_blocks sets the bottom encoder's and the decoder's stacks, top_residual_blocks the top encoder's
     and the top decoder's. The paper gives the top the same stacks as the bottom; trained on the built-in sample's
-    15 photos, a top without them (0, the default) reconstructs unseen photos 0.5 dB better at 128 px: the deeper
+    15 photos, a top without them (0, the default) reconstructs unseen photos 0.35 dB better at 128 px: the deeper
     top fits the training photos and its codes carry over less (BENCHMARKS.md, bench_levels).
     Example: [c.shape for c in VQVAE2().encode(torch.zeros(2, 3, 128, 128))] == [(2, 16, 16), (2, 32, 32)].
     """

@@ -156,9 +156,12 @@ def learning_rate(c: Config, step: int) -> float:
 
 
 def model_args(c: Config) -> dict:
-    """The model's constructor arguments and "levels"; top_residual_blocks only for the 2-level model."""
+    """The model's constructor arguments and "levels": downsample only for the 1-level model (the 2-level one
+    downsamples by 4 and 8 by construction), top_residual_blocks only for the 2-level one."""
     args = {name: getattr(c, name) for name in MODEL_FIELDS}
-    if c.levels != 2:
+    if c.levels == 2:
+        del args["downsample"]
+    else:
         del args["top_residual_blocks"]
     args["fsq_levels"] = tuple(int(v) for v in c.fsq_levels.split(",")) if c.fsq_levels else None
     return args
@@ -168,7 +171,6 @@ def build_model(c: Config) -> VQVAE | VQVAE2:
     """The model a config describes: models.VQVAE, or hierarchy.VQVAE2 with --levels 2."""
     args = model_args(c)
     if args.pop("levels") == 2:
-        del args["downsample"]
         return VQVAE2(**args)
     return VQVAE(**args)
 

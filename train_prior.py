@@ -222,7 +222,7 @@ def nll_per_map(model: GatedPixelCNN, codes: torch.Tensor, labels: torch.Tensor 
 
 def nll_metrics(nll: torch.Tensor, codes_per_map: int) -> dict:
     """Per-map NLLs (nats) -> mean NLL per code in nats and in bits."""
-    return per_code_record([nll.sum().item() / (len(nll) * codes_per_map)], [codes_per_map])
+    return level_metrics([nll], [codes_per_map])
 
 
 def per_code_record(nats: list[float], codes_per_map: list[int]) -> dict:
@@ -240,7 +240,7 @@ def per_code_record(nats: list[float], codes_per_map: list[int]) -> dict:
 
 def level_metrics(nlls: list[torch.Tensor], codes_per_map: list[int]) -> dict:
     """Per-map NLLs of each level (nats) -> `per_code_record` of their means per code."""
-    return per_code_record([nll_metrics(nll, n)["nll_nats"] for nll, n in zip(nlls, codes_per_map)], codes_per_map)
+    return per_code_record([nll.sum().item() / (len(nll) * n) for nll, n in zip(nlls, codes_per_map)], codes_per_map)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from checkpoint import Config, build_model, check_config, load_checkpoint, save_
 from hierarchy import VQVAE2
 from image_data import build_data
 from models import VQVAE
-from runs import ConfigError
+from runs import CheckpointError, ConfigError
 from tests.ddp_worker import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +145,24 @@ def test_the_top_stacks_follow_top_residual_blocks_and_an_older_checkpoint_keeps
     assert loaded_config.top_residual_blocks == 2 and depth(loaded) == (2, 2, 2, 2)
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_resuming_a_run_from_before_top_residual_blocks_names_the_flag_and_resumes_with_it(tmp_path):
+    """A 2-level run written before the field existed had the bottom's stacks at the top; resumed under today's
+    default (no top stacks) it must stop with the flag and the value to give, leaving the run as it was."""
+    train.train(tiny2(tmp_path / "old", image_size=32, steps=4, eval_every=4, top_residual_blocks=1))
+    path = tmp_path / "old" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["top_residual_blocks"]
+    torch.save(ckpt, path)
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError, match="--top-residual-blocks 1, not 0: resume with the same value"):
+        train.train(tiny2(tmp_path / "old", image_size=32, steps=8, eval_every=4, resume=True))
+    assert path.read_bytes() == before
+    resumed = train.train(tiny2(tmp_path / "old", image_size=32, steps=8, eval_every=4, resume=True,
+                                top_residual_blocks=1))
+    assert [r["step"] for r in resumed.history][-4:] == [5, 6, 7, 8]
+    assert len(resumed.model.top_encoder.residual.blocks) == 1
 
 
 def test_a_resumed_2_level_run_ends_where_an_uninterrupted_one_does(tmp_path):

@@ -14,7 +14,8 @@ samples of each.
 
 For each size, both models train through train.py's `train()` with train.Config's defaults, the same steps, batch
 and seed; the only difference is --levels. Both have the same bottom grid (S/4 x S/4 codes); the 2-level model adds
-a top grid of S/8 x S/8 codes, so it spends more bits per image (positions x log2 K), reported beside its PSNR.
+a top grid of S/8 x S/8 codes (of its own K, --top-num-embeddings), so it spends more bits per image (positions x
+log2 K, summed over the levels), reported beside its PSNR.
 Reported: PSNR and SSIM on the sample's 4 unseen photos and on the held-out strips, codebook usage (each level's for
 the 2-level model), bits per image, training seconds. The run folders are kept under --out (default
 runs/bench_levels/) for the figure and the priors.
@@ -68,15 +69,15 @@ def train_pair(size: int, steps: int, batch_size: int, out: Path, seed: int = 0,
             result = train(c)
             f, train_seconds = result.final, result.history[-1]["elapsed_s"]
             seconds = time.perf_counter() - start
-        positions = (size // 4) ** 2 + ((size // 8) ** 2 if levels == 2 else 0)
+        bits = (size // 4) ** 2 * math.log2(c.num_embeddings) + \
+            ((size // 8) ** 2 * math.log2(c.top_num_embeddings) if levels == 2 else 0)
         rows.append({"size": size, "levels": levels, "steps": steps, "batch_size": batch_size, "seed": seed,
                      "seconds": round(seconds, 1), "train_seconds": round(train_seconds, 2),
                      "unseen_psnr": f["unseen_psnr"], "unseen_ssim": f["unseen_ssim"],
                      "strips_psnr": f["strips_psnr"], "strips_ssim": f["strips_ssim"],
                      "codebook_usage": f["codebook_usage"],
                      "usage_by_level": [f[k] for k in ("codebook_usage_top", "codebook_usage_bottom") if k in f],
-                     "bits_per_image": positions * math.log2(c.num_embeddings), "checkpoint": str(folder /
-                                                                                                    "checkpoint.pt")})
+                     "bits_per_image": bits, "checkpoint": str(folder / "checkpoint.pt")})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

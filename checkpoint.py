@@ -49,6 +49,7 @@ class Config:
     downsample: int = 4             # the encoder's downsampling factor: 4 (the paper) or 8 (for 128-256 px images)
     levels: int = 1                 # 1: the VQ-VAE; 2: VQ-VAE-2's bottom (/4) and top (/8) code maps (hierarchy.py)
     top_residual_blocks: int = 0    # with --levels 2: residual blocks in the top encoder and top decoder
+    top_num_embeddings: int = 512   # with --levels 2: codes in the top codebook (the paper: 512 at each level)
     embedding_dim: int = 64         # D, dimension of each code
     num_embeddings: int = 2048      # K, number of codes (the paper: 512)
     beta: float = 0.25              # commitment weight, beta in eq. 3
@@ -86,9 +87,11 @@ class Config:
     tensorboard: bool = False       # also write TensorBoard event files into --out (tensorboard --logdir runs)
 
 
-MODEL_FIELDS = ("levels", "top_residual_blocks", "hidden_channels", "residual_channels", "num_residual_blocks",
-                "block", "attention", "downsample", "embedding_dim", "num_embeddings", "beta", "quantizer", "decay",
-                "kmeans_init", "restart_threshold", "cosine", "lookup_dim", "rotation_trick", "fsq_levels")
+MODEL_FIELDS = ("levels", "top_residual_blocks", "top_num_embeddings", "hidden_channels", "residual_channels",
+                "num_residual_blocks", "block", "attention", "downsample", "embedding_dim", "num_embeddings", "beta",
+                "quantizer", "decay", "kmeans_init", "restart_threshold", "cosine", "lookup_dim", "rotation_trick",
+                "fsq_levels")
+TOP_FIELDS = ("top_residual_blocks", "top_num_embeddings")   # the 2-level model's alone
 
 
 def check_config(c: Config) -> None:
@@ -133,6 +136,7 @@ def check_config(c: Config) -> None:
         raise ConfigError(f"--lr-schedule must be constant or cosine, got {c.lr_schedule!r}")
     require_at_least("warmup-steps", c.warmup_steps, 0)
     require_at_least("top-residual-blocks", c.top_residual_blocks, 0)
+    require_at_least("top-num-embeddings", c.top_num_embeddings)
     if c.levels not in (1, 2):
         raise ConfigError(f"--levels must be 1 (VQ-VAE) or 2 (VQ-VAE-2), got {c.levels}")
     if c.levels == 2 and c.downsample != 4:
@@ -157,12 +161,10 @@ def learning_rate(c: Config, step: int) -> float:
 
 def model_args(c: Config) -> dict:
     """The model's constructor arguments and "levels": downsample only for the 1-level model (the 2-level one
-    downsamples by 4 and 8 by construction), top_residual_blocks only for the 2-level one."""
+    downsamples by 4 and 8 by construction), the TOP_FIELDS only for the 2-level one."""
     args = {name: getattr(c, name) for name in MODEL_FIELDS}
-    if c.levels == 2:
-        del args["downsample"]
-    else:
-        del args["top_residual_blocks"]
+    for name in ("downsample",) if c.levels == 2 else TOP_FIELDS:
+        del args[name]
     args["fsq_levels"] = tuple(int(v) for v in c.fsq_levels.split(",")) if c.fsq_levels else None
     return args
 
@@ -198,9 +200,10 @@ def read_checkpoint(path: str | Path) -> dict:
 def config_from_dict(d: dict) -> Config:
     known = {f.name for f in dataclasses.fields(Config)}
     d = {k: v for k, v in d.items() if k in known}
-    if d.get("levels") == 2 and "top_residual_blocks" not in d:
-        # written before the field existed, when the top had the bottom's residual stacks
-        d["top_residual_blocks"] = d.get("num_residual_blocks", Config.num_residual_blocks)
+    if d.get("levels") == 2:
+        # written before these fields existed, when the top had the bottom's residual stacks and codebook size
+        d.setdefault("top_residual_blocks", d.get("num_residual_blocks", Config.num_residual_blocks))
+        d.setdefault("top_num_embeddings", d.get("num_embeddings", Config.num_embeddings))
     return Config(**d)
 
 

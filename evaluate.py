@@ -79,8 +79,8 @@ def evaluate(model: VQVAE, loader: DataLoader, device: torch.device, amp_dtype: 
     was_training = model.training
     model.eval()
     squared_error = torch.zeros((), dtype=torch.float64, device=device)
-    # code counts per level (top first): (levels, K)
-    counts = torch.zeros(model.levels, model.quantizers[0].num_embeddings, dtype=torch.float64, device=device)
+    # code counts per level (top first), each (K,) of its own codebook
+    counts = [torch.zeros(q.num_embeddings, dtype=torch.float64, device=device) for q in model.quantizers]
     num = torch.zeros(2, dtype=torch.float64, device=device)   # images, pixel values
     ssim_sum = torch.zeros((), dtype=torch.float64, device=device)
     ctx = autocast(device, amp_dtype)
@@ -95,11 +95,11 @@ def evaluate(model: VQVAE, loader: DataLoader, device: torch.device, amp_dtype: 
         reconstruction = (out.reconstruction.float() + 0.5).clamp_(0, 1)
         squared_error += (reconstruction - x).double().pow(2).sum()
         ssim_sum += ssim_per_image(reconstruction, x).double().sum()
-        for level, vq in enumerate(out.levels):
-            counts[level] += torch.bincount(vq.indices.flatten(), minlength=counts.shape[1]).double()
+        for count, vq in zip(counts, out.levels):
+            count += torch.bincount(vq.indices.flatten(), minlength=len(count)).double()
         num += torch.tensor([x.shape[0], x.numel()], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
-        for t in (squared_error, counts, num, ssim_sum):
+        for t in (squared_error, *counts, num, ssim_sum):
             dist.all_reduce(t)
     model.train(was_training)
     mse = (squared_error / num[1].clamp_min(1)).item()

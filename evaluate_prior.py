@@ -257,24 +257,27 @@ def evaluate_two_levels(prior, ckpt: dict, codes: dict, checkpoint: str, device:
                         time_runs: int, vqvae: str | None = None) -> dict:
     """`evaluate_prior` for a 2-level prior: each level's numbers under "top" and "bottom", then per image."""
     k, (h, w) = ckpt["model_args"]["num_embeddings"], ckpt["map_shape"]
+    ks = (prior.top_num_embeddings, k)   # K of each level, top first
     conditional = prior.num_classes > 0
     train_maps, val_maps = level_maps(codes, "train"), level_maps(codes, "val")
     nlls = nll_per_level(prior, val_maps, codes["val_labels"] if conditional else None, device)   # (N,) per level
     report = {"checkpoint": checkpoint, "codes": ckpt["codes"], "step": ckpt["step"], "levels": 2, "num_embeddings": k,
-              "map_shape": [h, w], "top_map_shape": list(val_maps[0].shape[1:]), "val_maps": len(val_maps[0]),
-              "train_maps": len(train_maps[0]), "uniform_nats_per_code": math.log(k)}
-    for name, nll, train, val in zip(("top", "bottom"), nlls, train_maps, val_maps):
+              "num_embeddings_top": ks[0], "map_shape": [h, w], "top_map_shape": list(val_maps[0].shape[1:]),
+              "val_maps": len(val_maps[0]), "train_maps": len(train_maps[0])}
+    for name, nll, train, val, k_level in zip(("top", "bottom"), nlls, train_maps, val_maps, ks):
         n = val.shape[1] * val.shape[2]
-        prior_nats, unigram = nll_metrics(nll, n)["nll_nats"], unigram_cross_entropy(train, val, k)
+        prior_nats, unigram = nll_metrics(nll, n)["nll_nats"], unigram_cross_entropy(train, val, k_level)
         report[name] = {"codes_per_map": n, "prior_nats_per_code": prior_nats,
                         "prior_bits_per_code": prior_nats / math.log(2), "unigram_nats_per_code": unigram,
                         "unigram_bits_per_code": unigram / math.log(2),
-                        "val_entropy_nats_per_code": empirical_entropy(val, k),
+                        "val_entropy_nats_per_code": empirical_entropy(val, k_level),
+                        "uniform_nats_per_code": math.log(k_level),
                         "reduction_vs_unigram": 1 - prior_nats / unigram}
     per_image = {name: sum(report[level][f"{name}_nats_per_code"] * report[level]["codes_per_map"]
                            for level in ("top", "bottom")) for name in ("prior", "unigram")}
     report.update({"prior_nats_per_image": per_image["prior"], "unigram_nats_per_image": per_image["unigram"],
-                   "uniform_nats_per_image": math.log(k) * (report["top"]["codes_per_map"] + h * w),
+                   "uniform_nats_per_image": sum(report[level]["uniform_nats_per_code"] *
+                                                 report[level]["codes_per_map"] for level in ("top", "bottom")),
                    "reduction_vs_unigram": 1 - per_image["prior"] / per_image["unigram"]})
     if bits_per_dim:
         dec = decoder_term(load_vqvae_for(ckpt, device, vqvae), config_from_dict(ckpt["vqvae"]["config"]),
@@ -294,13 +297,12 @@ ROWS = (("uniform (ln K)", "uniform"), ("unigram (train freq., on val)", "unigra
 def print_levels(r: dict) -> None:
     """The NLL table of a 2-level report: each level's nats per code, then both levels per image."""
     top, bottom = r["top_map_shape"], r["map_shape"]
-    print(f"prior {r['checkpoint']} (step {r['step']}), K = {r['num_embeddings']}, top {top[0]}x{top[1]} and "
-          f"bottom {bottom[0]}x{bottom[1]} code maps; {r['train_maps']} training and {r['val_maps']} validation "
-          f"images")
+    print(f"prior {r['checkpoint']} (step {r['step']}), top {top[0]}x{top[1]} code maps of K = "
+          f"{r['num_embeddings_top']} and bottom {bottom[0]}x{bottom[1]} of K = {r['num_embeddings']}; "
+          f"{r['train_maps']} training and {r['val_maps']} validation images")
     print("validation NLL of the codes          top nats/code  bottom nats/code (given the top map)")
     for name, key in ROWS:
-        nats = [r["uniform_nats_per_code"]] * 2 if key == "uniform" else \
-            [r[level][f"{key}_nats_per_code"] for level in ("top", "bottom")]
+        nats = [r[level][f"{key}_nats_per_code"] for level in ("top", "bottom")]
         print(f"  {name:34s} {nats[0]:13.4f}  {nats[1]:16.4f}")
     print(f"per image, both levels: PixelCNN {r['prior_nats_per_image']:.2f} nats, unigram "
           f"{r['unigram_nats_per_image']:.2f} nats: {r['reduction_vs_unigram']:.1%} lower (floor: 25%) -> "

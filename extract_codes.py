@@ -18,8 +18,8 @@ train_codes / val_codes (N, h, w) as uint8 when K <= 256 (int16 up to 32768, els
 val_labels (N,) int64 (the class index; 0 for data without classes), classes (names; empty without classes),
 num_embeddings (K), the data it came from, and the VQ-VAE's checkpoint path, config and step, so the prior can find
 the decoder again. `levels` is the VQ-VAE's number of levels; for a 2-level VQ-VAE (hierarchy.VQVAE2) train_codes /
-val_codes hold the bottom maps (N, h, w) and train_codes_top / val_codes_top the top maps (N, h/2, w/2), both
-levels with K codes.
+val_codes hold the bottom maps (N, h, w) with num_embeddings codes and train_codes_top / val_codes_top the top maps
+(N, h/2, w/2) with num_embeddings_top codes (both maps in the dtype of the larger K).
 """
 from __future__ import annotations
 
@@ -110,8 +110,8 @@ def extract_codes(checkpoint: str | Path, out: str | Path | None = None, passes:
                                            workers)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "encoding changed the VQ-VAE's state"
-    k = model.quantizers[0].num_embeddings
-    dtype = code_dtype(k)
+    ks = [q.num_embeddings for q in model.quantizers]   # top first for 2 levels
+    k, dtype = ks[-1], code_dtype(max(ks))
     if model.levels == 2:   # (top, bottom) per pass
         train_top, train_codes = [t for t, _ in train_codes], [b for _, b in train_codes]
         val_top, val_codes = val_codes
@@ -134,6 +134,7 @@ def extract_codes(checkpoint: str | Path, out: str | Path | None = None, passes:
     if model.levels == 2:
         result["train_codes_top"] = torch.cat(train_top).to(dtype)   # (passes * N, h/2, w/2)
         result["val_codes_top"] = val_top.to(dtype)                  # (N_val, h/2, w/2)
+        result["num_embeddings_top"] = ks[0]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_save(result, out)
@@ -167,9 +168,12 @@ def report(args: argparse.Namespace) -> int:
     if result["levels"] == 2:
         top = torch.cat([result["train_codes_top"].flatten(), result["val_codes_top"].flatten()])
         shape = f"{tuple(result['train_codes_top'].shape[1:])} top and {shape[:-6]} bottom codes"
-        used = f"{top.long().unique().numel()} top and {used} bottom"
+        used = (f"{top.long().unique().numel()} of K = {result['num_embeddings_top']} top and {used} of "
+                f"K = {result['num_embeddings']} bottom")
+    else:
+        used = f"{used} of K = {result['num_embeddings']}"
     print(f"done: {out} | {len(train)} training maps ({args.passes} passes), {len(val)} validation maps of "
-          f"{shape} | {used} of K = {result['num_embeddings']} codes used | {len(result['classes'])} classes")
+          f"{shape} | {used} codes used | {len(result['classes'])} classes")
     return 0
 
 

@@ -61,7 +61,8 @@ class ConditioningStack(nn.Module):
 
 class HierarchicalPrior(nn.Module):
     """p(z_top | y) p(z_bottom | z_top, y) over VQVAE2 code maps: `top` and `bottom` GatedPixelCNNs and the bottom
-    prior's `conditioning` stack. Both levels have K = num_embeddings codes.
+    prior's `conditioning` stack. The bottom level has K = num_embeddings codes, the top top_num_embeddings (default:
+    the same).
 
     num_classes, channels, num_layers, kernel_size, dropout: as for prior.GatedPixelCNN, the same for both priors.
     attention, heads: one causal self-attention block in the top prior (the paper's top prior has attention).
@@ -75,16 +76,17 @@ class HierarchicalPrior(nn.Module):
 
     def __init__(self, num_embeddings: int, num_classes: int = 0, channels: int = 32, num_layers: int = 8,
                  kernel_size: int = 5, dropout: float = 0.0, attention: bool = False, heads: int = 4,
-                 cond_channels: int = 32, cond_blocks: int = 2):
+                 cond_channels: int = 32, cond_blocks: int = 2, top_num_embeddings: int | None = None):
         super().__init__()
         if cond_channels < 1:
             raise ValueError(f"the bottom prior needs a conditioning map: cond_channels must be at least 1, got "
                              f"{cond_channels}")
         self.num_embeddings, self.num_classes = num_embeddings, num_classes
+        self.top_num_embeddings = top_num_embeddings = top_num_embeddings or num_embeddings
         shared = dict(num_classes=num_classes, channels=channels, num_layers=num_layers, kernel_size=kernel_size,
                       dropout=dropout)
-        self.top = GatedPixelCNN(num_embeddings, attention=attention, heads=heads, **shared)
-        self.conditioning = ConditioningStack(num_embeddings, cond_channels, cond_blocks)
+        self.top = GatedPixelCNN(top_num_embeddings, attention=attention, heads=heads, **shared)
+        self.conditioning = ConditioningStack(top_num_embeddings, cond_channels, cond_blocks)
         self.bottom = GatedPixelCNN(num_embeddings, cond_channels=cond_channels, **shared)
 
     @staticmethod
@@ -94,7 +96,7 @@ class HierarchicalPrior(nn.Module):
                              f"and bottom {tuple(bottom.shape[-2:])}")
 
     def forward(self, top: Tensor, bottom: Tensor, labels: Tensor | None = None) -> LevelOutputs:
-        """(B, h/2, w/2) top and (B, h, w) bottom codes [, (B,) labels] -> logits (B, K, h/2, w/2) of
+        """(B, h/2, w/2) top and (B, h, w) bottom codes [, (B,) labels] -> logits (B, K_top, h/2, w/2) of
         p(z_top_ij | z_top_<ij, y) and (B, K, h, w) of p(z_bottom_ij | z_bottom_<ij, z_top, y)."""
         self.check_shapes(top, bottom)
         return LevelOutputs(self.top(top, labels), self.bottom(bottom, labels, self.conditioning(top)))

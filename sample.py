@@ -46,10 +46,12 @@ def load_vqvae_for(prior_ckpt: dict, device: torch.device, override: str | None 
         raise CheckpointError(f"{path} is a {vqvae.levels}-level VQ-VAE but the prior models {levels}-level codes: "
                               f"pass --vqvae with the checkpoint.pt of a {levels}-level VQ-VAE (train.py --levels "
                               f"{levels}), the one the prior was trained on ({named})")
-    k = prior_ckpt["model_args"]["num_embeddings"]
-    if vqvae.quantizers[0].num_embeddings != k:
-        raise CheckpointError(f"{path} has {vqvae.quantizers[0].num_embeddings} codes but the prior models {k}: pass "
-                              f"the VQ-VAE the prior was trained on ({named})")
+    args = prior_ckpt["model_args"]
+    prior_ks = [args.get("top_num_embeddings", args["num_embeddings"]), args["num_embeddings"]][-levels:]
+    vqvae_ks = [q.num_embeddings for q in vqvae.quantizers]   # top first
+    if vqvae_ks != prior_ks:
+        raise CheckpointError(f"{path} has {' and '.join(map(str, vqvae_ks))} codes but the prior models "
+                              f"{' and '.join(map(str, prior_ks))}: pass the VQ-VAE the prior was trained on ({named})")
     if ckpt["config"] != prior_ckpt["vqvae"]["config"] or ckpt["step"] != prior_ckpt["vqvae"]["step"]:
         warnings.warn(f"{path} is not the VQ-VAE the prior was trained on ({named}, step "
                       f"{prior_ckpt['vqvae']['step']}): the samples may not look like its images", stacklevel=2)

@@ -124,14 +124,17 @@ def check_config(c: PriorConfig) -> None:
         raise ConfigError(f"--channels ({c.channels}) must be a multiple of --heads ({c.heads}) with --attention")
 
 
-def model_args(c: PriorConfig, num_embeddings: int, classes: list[str], levels: int = 1) -> dict:
-    """The keyword arguments of GatedPixelCNN (1 level) or HierarchicalPrior (2) for this config and codes file."""
+def model_args(c: PriorConfig, num_embeddings: int, classes: list[str], levels: int = 1,
+               top_num_embeddings: int | None = None) -> dict:
+    """The keyword arguments of GatedPixelCNN (1 level) or HierarchicalPrior (2) for this config and codes file;
+    num_embeddings is the (bottom) level's K, top_num_embeddings the top's (default: the same)."""
     args = {"num_embeddings": num_embeddings, "num_classes": len(classes) if c.conditional else 0,
             "channels": c.channels, "num_layers": c.num_layers, "kernel_size": c.kernel_size, "dropout": c.dropout}
     if c.attention or levels == 2:
         args.update(attention=c.attention, heads=c.heads)
     if levels == 2:
-        args.update(cond_channels=c.cond_channels, cond_blocks=c.cond_blocks)
+        args.update(cond_channels=c.cond_channels, cond_blocks=c.cond_blocks,
+                    top_num_embeddings=top_num_embeddings or num_embeddings)
     return args
 
 
@@ -252,6 +255,12 @@ def code_levels(codes: dict) -> int:
     return codes.get("levels", 1)
 
 
+def codebook_sizes(codes: dict) -> list[int]:
+    """K of each level of a codes file, top first (files written before the top had its own K: the bottom's)."""
+    k = codes["num_embeddings"]
+    return [codes.get("num_embeddings_top", k), k] if code_levels(codes) == 2 else [k]
+
+
 def level_maps(codes: dict, split: str) -> list[torch.Tensor]:
     """The maps of `split` ("train" or "val") of each level, top first: [codes] or [top, bottom]."""
     bottom = codes[f"{split}_codes"]
@@ -303,7 +312,7 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
     val_maps = level_maps(codes, "val")
     map_shape = tuple(train_maps[-1].shape[1:])                       # the bottom level's for 2 levels
     codes_per_map = [m.shape[1] * m.shape[2] for m in train_maps]
-    args = model_args(c, codes["num_embeddings"], codes["classes"], levels)
+    args = model_args(c, codes["num_embeddings"], codes["classes"], levels, codebook_sizes(codes)[0])
     model = build_prior(args, levels).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
     start_step, elapsed = 0, 0.0

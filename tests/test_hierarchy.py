@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def small(**kw) -> VQVAE2:
     torch.manual_seed(0)
+    kw.setdefault("top_num_embeddings", 32)
     return VQVAE2(hidden_channels=16, residual_channels=8, num_residual_blocks=1, embedding_dim=8,
                   num_embeddings=32, **kw).eval()
 
@@ -102,7 +103,7 @@ def tiny2(out, **kw) -> Config:
 
 
 def test_a_2_level_checkpoint_rebuilds_its_model_and_evaluate_reports_both_codebooks(tmp_path, capsys):
-    result = train.train(tiny2(tmp_path / "run", image_size=32))
+    result = train.train(tiny2(tmp_path / "run", image_size=32, top_num_embeddings=8))   # K: 8 top, 16 bottom
     assert isinstance(result.model, VQVAE2)
     assert isinstance(build_model(Config(image_size=32)), VQVAE)
     model, config, _ = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
@@ -116,15 +117,15 @@ def test_a_2_level_checkpoint_rebuilds_its_model_and_evaluate_reports_both_codeb
     val = build_data("sample", 32).val
     x = torch.stack([val[i][0] for i in range(len(val))]).float() / 255 - 0.5
     top, bottom = model.encode(x)
-    k = config.num_embeddings
-    assert report["codebook_usage_top"] == pytest.approx(top.unique().numel() / k)
-    assert report["codebook_usage_bottom"] == pytest.approx(bottom.unique().numel() / k)
+    assert [q.num_embeddings for q in model.quantizers] == [8, 16] and int(top.max()) < 8
+    assert report["codebook_usage_top"] == pytest.approx(top.unique().numel() / 8)
+    assert report["codebook_usage_bottom"] == pytest.approx(bottom.unique().numel() / 16)
     assert report["codebook_usage"] == min(report["codebook_usage_top"], report["codebook_usage_bottom"])
     assert report["perplexity"] == report["perplexity_bottom"]
     assert report["psnr"] == pytest.approx(result.final["psnr"], abs=1e-6)
 
 
-def test_the_top_stacks_follow_top_residual_blocks_and_an_older_checkpoint_keeps_its_own(tmp_path):
+def test_the_top_follows_its_flags_and_an_older_checkpoint_keeps_its_own(tmp_path):
     def depth(model):
         return (len(model.encoder.residual.blocks), len(model.top_encoder.residual.blocks),
                 len(model.top_decoder.residual.blocks), len(model.decoder.residual.blocks))
@@ -134,15 +135,20 @@ def test_the_top_stacks_follow_top_residual_blocks_and_an_older_checkpoint_keeps
     assert depth(build_model(Config(**base, top_residual_blocks=3))) == (2, 3, 3, 2)
     with pytest.raises(ConfigError, match="--top-residual-blocks must be at least 0"):
         check_config(Config(**base, top_residual_blocks=-1))
-    # a 2-level checkpoint written before the field existed had the bottom's stacks at the top too
-    config = Config(**base, top_residual_blocks=2)
+    assert build_model(Config(**base)).top_quantizer.num_embeddings == 512
+    assert build_model(Config(**base, top_num_embeddings=8)).top_quantizer.num_embeddings == 8
+    with pytest.raises(ConfigError, match="--top-num-embeddings must be at least 1"):
+        check_config(Config(**base, top_num_embeddings=0))
+    # a 2-level checkpoint written before the fields existed had the bottom's stacks and codebook size at the top
+    config = Config(**base, top_residual_blocks=2, top_num_embeddings=16)
     model = build_model(config)
     save_checkpoint(tmp_path / "old.pt", model, torch.optim.Adam(model.parameters()), 0, config, 1.0, 0.0)
     ckpt = torch.load(tmp_path / "old.pt", weights_only=True)
-    del ckpt["config"]["top_residual_blocks"]
+    del ckpt["config"]["top_residual_blocks"], ckpt["config"]["top_num_embeddings"]
     torch.save(ckpt, tmp_path / "old.pt")
     loaded, loaded_config, _ = load_checkpoint(tmp_path / "old.pt")
     assert loaded_config.top_residual_blocks == 2 and depth(loaded) == (2, 2, 2, 2)
+    assert loaded_config.top_num_embeddings == 16 == loaded.top_quantizer.num_embeddings
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
 

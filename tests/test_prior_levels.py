@@ -280,7 +280,7 @@ def levels2(tmp_path_factory):
     root = tmp_path_factory.mktemp("levels2")
     data = make_class_folder(root / "photos")
     base = checkpoint.Config(data=str(data), prepared_dir=str(root / "prepared"), **TINY_VQ)
-    vq2 = save_vqvae(root / "vq2.pt", replace(base, levels=2))
+    vq2 = save_vqvae(root / "vq2.pt", replace(base, levels=2, top_num_embeddings=4))   # K = 4 top, 8 bottom
     vq1 = save_vqvae(root / "vq1.pt", base)
     extract_codes.extract_codes(vq2, root / "codes.pt", passes=2, device="cpu", progress=False)
     config = two_level_config(root / "codes.pt", root / "prior", steps=2, eval_every=2, batch_size=4)
@@ -318,16 +318,19 @@ def test_evaluate_prior_reports_each_level_and_the_image(levels2, capsys):
     r = json.loads(out.strip().splitlines()[-1])
     assert "bottom nats/code" in out and "per image, both levels" in out
     codes = torch.load(levels2["root"] / "codes.pt", weights_only=True)
+    assert (codes["num_embeddings_top"], codes["num_embeddings"]) == (4, 8)
     prior, _, _ = train_prior.load_prior(levels2["prior"])
     top, bottom, labels = codes["val_codes_top"].long(), codes["val_codes"].long(), codes["val_labels"]
     with torch.no_grad():
         logits = prior(top, bottom, labels)
+    assert [l.shape[1] for l in logits] == [4, 8]                                   # each level's own K
     nll = [log_likelihood_by_hand(l, z) for l, z in zip(logits, (top, bottom))]
     per_image = 0.0
-    for name, n, level_nll, train_maps, val_maps in (("top", 16, nll[0], codes["train_codes_top"], top),
-                                                      ("bottom", 64, nll[1], codes["train_codes"], bottom)):
+    for name, n, k, level_nll, train_maps, val_maps in (("top", 16, 4, nll[0], codes["train_codes_top"], top),
+                                                         ("bottom", 64, 8, nll[1], codes["train_codes"], bottom)):
         assert r[name]["prior_nats_per_code"] == pytest.approx(level_nll.mean().item() / n, rel=1e-5)
-        counts = np.bincount(train_maps.numpy().ravel(), minlength=8) + 1.0        # add-one, counted on training
+        assert r[name]["uniform_nats_per_code"] == pytest.approx(math.log(k))
+        counts = np.bincount(train_maps.numpy().ravel(), minlength=k) + 1.0        # add-one, counted on training
         unigram = -np.log(counts / counts.sum())[val_maps.numpy().ravel()].mean()
         assert r[name]["unigram_nats_per_code"] == pytest.approx(unigram)
         per_image += unigram * n
@@ -335,7 +338,7 @@ def test_evaluate_prior_reports_each_level_and_the_image(levels2, capsys):
     assert r["prior_nats_per_image"] == pytest.approx((nll[0] + nll[1]).mean().item(), rel=1e-5)
     assert r["reduction_vs_unigram"] == pytest.approx(1 - r["prior_nats_per_image"] / per_image, rel=1e-5)
     dims = 3 * 32 * 32
-    assert r["bpd_prior_term"]["uniform"] == pytest.approx(80 * math.log(8) / (dims * math.log(2)))
+    assert r["bpd_prior_term"]["uniform"] == pytest.approx((16 * math.log(4) + 64 * math.log(8)) / (dims * math.log(2)))
     assert r["bpd_prior_term"]["pixelcnn"] == pytest.approx(r["prior_nats_per_image"] / (dims * math.log(2)))
     # the decoder term, independently: each validation image through the VQ-VAE-2's forward pass
     vqvae, _, _ = checkpoint.load_checkpoint(levels2["vq2"])
@@ -375,6 +378,11 @@ def test_sample_and_evaluate_with_a_vqvae_of_the_other_kind(levels2, tmp_path, c
     rc, _, err = call_main(evaluate_prior.main, ["--checkpoint", levels2["prior"], "--device", "cpu", "--vqvae",
                                                  levels2["vq1"]], capsys)
     assert_clean_error(rc, err, "1-level VQ-VAE", "--vqvae")
+    # a 2-level VQ-VAE whose top codebook is not the prior's (8 codes, not 4)
+    other = save_vqvae(tmp_path / "vq2k8.pt", replace(checkpoint.load_checkpoint(levels2["vq2"])[1],
+                                                      top_num_embeddings=8))
+    rc, _, err = call_main(sample.main, ["--checkpoint", levels2["prior"], *base, "--vqvae", other], capsys)
+    assert_clean_error(rc, err, "vq2k8.pt", "8 and 8 codes", "models 4 and 8", "the VQ-VAE the prior was trained on")
     assert not (tmp_path / "s.png").exists()
     rc, _, err = call_main(sample.main, ["--checkpoint", levels2["prior"], *base], capsys)   # the positive control
     assert rc == 0, err

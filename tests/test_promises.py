@@ -279,7 +279,8 @@ def test_vqvae_defaults_are_the_configs():
     for name, value in args.items():
         assert params[name].default == value, name
         assert name == "downsample" or params2[name].default == value, name
-    assert params2["top_residual_blocks"].default == model_args(Config(levels=2))["top_residual_blocks"]
+    for name in ("top_residual_blocks", "top_num_embeddings"):
+        assert params2[name].default == model_args(Config(levels=2))[name], name
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -182,6 +182,8 @@ def prepare_out(c: PriorConfig, levels: int = 1) -> tuple[Path, dict | None]:
                                   f"another --out")
         saved = config_from_dict(ckpt["config"])
         for name in (*MODEL_FIELDS, "batch_size", "seed"):
+            if name == "heads" and not (saved.attention or c.attention):
+                continue   # no attention block: --heads shapes nothing
             if getattr(saved, name) != getattr(c, name):
                 raise CheckpointError(f"{ckpt_path} was trained with --{name.replace('_', '-')} "
                                       f"{getattr(saved, name)}, not {getattr(c, name)}: resume with the same value "

@@ -575,6 +575,8 @@ def test_train_prior_bad_codes_and_runs(pipeline, tmp_path, capsys, plain_warnin
                                               "--steps", "4"], capsys)
     assert_clean_error(rc, err, "--codes", "other.pt")
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+    # without attention --heads shapes nothing, so it does not stop a resume
+    assert call_main(train_prior.main, [*codes, *tiny, "--resume", "--heads", "2", "--steps", "3"], capsys)[0] == 0
     empty = write_codes(tmp_path / "empty.pt", torch.zeros(0, 4, 4), torch.zeros(2, 4, 4), 16)
     rc, _, err = call_main(train_prior.main, ["--codes", empty, "--out", tmp_path / "run2", *tiny], capsys)
     assert_clean_error(rc, err, "no training or no validation maps")

@@ -49,7 +49,7 @@ class Config:
     downsample: int = 4             # the encoder's downsampling factor: 4 (the paper) or 8 (for 128-256 px images)
     levels: int = 1                 # 1: the VQ-VAE; 2: VQ-VAE-2's bottom (/4) and top (/8) code maps (hierarchy.py)
     top_residual_blocks: int = 0    # with --levels 2: residual blocks in the top encoder and top decoder
-    top_num_embeddings: int = 512   # with --levels 2: codes in the top codebook (the paper: 512 at each level)
+    top_num_embeddings: int = 0     # with --levels 2: codes in the top codebook (0: as many as --num-embeddings)
     embedding_dim: int = 64         # D, dimension of each code
     num_embeddings: int = 2048      # K, number of codes (the paper: 512)
     beta: float = 0.25              # commitment weight, beta in eq. 3
@@ -136,7 +136,7 @@ def check_config(c: Config) -> None:
         raise ConfigError(f"--lr-schedule must be constant or cosine, got {c.lr_schedule!r}")
     require_at_least("warmup-steps", c.warmup_steps, 0)
     require_at_least("top-residual-blocks", c.top_residual_blocks, 0)
-    require_at_least("top-num-embeddings", c.top_num_embeddings)
+    require_at_least("top-num-embeddings", c.top_num_embeddings, 0)
     if c.levels not in (1, 2):
         raise ConfigError(f"--levels must be 1 (VQ-VAE) or 2 (VQ-VAE-2), got {c.levels}")
     if c.levels == 2 and c.downsample != 4:
@@ -201,9 +201,9 @@ def config_from_dict(d: dict) -> Config:
     known = {f.name for f in dataclasses.fields(Config)}
     d = {k: v for k, v in d.items() if k in known}
     if d.get("levels") == 2:
-        # written before these fields existed, when the top had the bottom's residual stacks and codebook size
+        # written before the field existed, when the top had the bottom's residual stacks (and, as the default
+        # top_num_embeddings still gives, the bottom's codebook size)
         d.setdefault("top_residual_blocks", d.get("num_residual_blocks", Config.num_residual_blocks))
-        d.setdefault("top_num_embeddings", d.get("num_embeddings", Config.num_embeddings))
     return Config(**d)
 
 

@@ -63,8 +63,8 @@ class TopDecoder(nn.Module):
 
 class VQVAE2(nn.Module):
     """The 2-level VQ-VAE: `encode(x) -> (top, bottom)` code maps of (B, H/8, W/8) and (B, H/4, W/4), and
-    `decode((top, bottom)) -> x`. The bottom codebook has num_embeddings codes, the top one top_num_embeddings
-    (the paper: 512 at each level), all of embedding_dim dimensions and with the same quantizer options (see
+    `decode((top, bottom)) -> x`. The bottom codebook has num_embeddings codes, the top one top_num_embeddings (0:
+    as many), all of embedding_dim dimensions and with the same quantizer options (see
     models.VQVAE; explicit fsq_levels serve both levels, so top_num_embeddings only picks FSQ levels without them);
     block applies to every residual stack, attention adds one self-attention block in the top encoder and the top
     decoder (the lowest resolution).
@@ -72,9 +72,10 @@ class VQVAE2(nn.Module):
     num_residual_blocks sets the bottom encoder's and the decoder's stacks, top_residual_blocks the top encoder's
     and the top decoder's. The paper gives the top the same stacks as the bottom; trained on the built-in sample's
     15 photos, a top without them (0, the default) reconstructs unseen photos 0.35 dB better at 128 px: the deeper
-    top fits the training photos and its codes carry over less (BENCHMARKS.md, bench_levels). A top codebook of 512
-    codes (the default) keeps as many top vectors per code in a batch as the bottom has at the default 2048 (the
-    top map has a quarter of the positions): with 2048 at the top too, most of it is restarted at every step.
+    top fits the training photos and its codes carry over less (BENCHMARKS.md, bench_levels). The paper has 512
+    codes at each level; a top of 512 under a bottom of 2048 restarts 100 times fewer top codes, but at 128 px it
+    reconstructs both the unseen photos and the held-out strips worse than a top of 2048 (two seeds each), so the
+    default top has as many codes as the bottom.
     Example: [c.shape for c in VQVAE2().encode(torch.zeros(2, 3, 128, 128))] == [(2, 16, 16), (2, 32, 32)].
     """
 
@@ -85,7 +86,7 @@ class VQVAE2(nn.Module):
                  decay: float = 0.99, eps: float = 1e-5, kmeans_init: bool = True, restart_threshold: float = 1.0,
                  cosine: bool = True, lookup_dim: int = 4, rotation_trick: bool = False,
                  fsq_levels: Sequence[int] | None = None, in_channels: int = 3, block: str = "paper",
-                 attention: bool = False, top_residual_blocks: int = 0, top_num_embeddings: int = 512):
+                 attention: bool = False, top_residual_blocks: int = 0, top_num_embeddings: int = 0):
         super().__init__()
         stack = (hidden_channels, residual_channels, num_residual_blocks)
         top_stack = (hidden_channels, residual_channels, top_residual_blocks)
@@ -97,7 +98,7 @@ class VQVAE2(nn.Module):
         self.upsample_top = nn.ConvTranspose2d(embedding_dim, embedding_dim, kernel_size=4, stride=2, padding=1)
         self.decoder = Decoder(*stack, embedding_dim=2 * embedding_dim, out_channels=in_channels, block=block)
         options = (embedding_dim, beta, decay, eps, kmeans_init, restart_threshold, cosine, lookup_dim, rotation_trick)
-        self.top_quantizer = make_quantizer(quantizer, top_num_embeddings, *options, fsq_levels)
+        self.top_quantizer = make_quantizer(quantizer, top_num_embeddings or num_embeddings, *options, fsq_levels)
         self.bottom_quantizer = make_quantizer(quantizer, num_embeddings, *options, fsq_levels)
 
     @property

@@ -20,12 +20,12 @@ def tiny(out: str, batch_size: int, levels: int = 1) -> Config:
     then drifts away from them by whole code assignments. Without k-means initialisation both seeds match to 1e-6.
     Restart threshold 4: with seed 1, codes are restarted within the 6 steps (the test checks the count is > 0).
     The constant learning rate this fixture was tuned with is pinned, so a change of train.Config's schedule
-    defaults does not move it onto such ties again; so is the top codebook's size, the same 16 as the bottom's."""
+    defaults does not move it onto such ties again."""
     return Config(data="sample", image_size=16, steps=6, batch_size=batch_size, hidden_channels=8,
                   residual_channels=4, num_residual_blocks=1, embedding_dim=4, num_embeddings=16, eval_every=3,
                   log_every=1, lr=1e-3, out=out, progress=False, device="cpu", amp="off", num_workers=0,
                   kmeans_init=True, restart_threshold=4.0, seed=1, lr_schedule="constant", warmup_steps=0,
-                  levels=levels, top_num_embeddings=16)
+                  levels=levels)
 
 
 if __name__ == "__main__":

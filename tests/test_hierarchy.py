@@ -25,7 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def small(**kw) -> VQVAE2:
     torch.manual_seed(0)
-    kw.setdefault("top_num_embeddings", 32)
     return VQVAE2(hidden_channels=16, residual_channels=8, num_residual_blocks=1, embedding_dim=8,
                   num_embeddings=32, **kw).eval()
 
@@ -135,12 +134,12 @@ def test_the_top_follows_its_flags_and_an_older_checkpoint_keeps_its_own(tmp_pat
     assert depth(build_model(Config(**base, top_residual_blocks=3))) == (2, 3, 3, 2)
     with pytest.raises(ConfigError, match="--top-residual-blocks must be at least 0"):
         check_config(Config(**base, top_residual_blocks=-1))
-    assert build_model(Config(**base)).top_quantizer.num_embeddings == 512
+    assert build_model(Config(**base)).top_quantizer.num_embeddings == 16      # 0: as many codes as the bottom
     assert build_model(Config(**base, top_num_embeddings=8)).top_quantizer.num_embeddings == 8
-    with pytest.raises(ConfigError, match="--top-num-embeddings must be at least 1"):
-        check_config(Config(**base, top_num_embeddings=0))
+    with pytest.raises(ConfigError, match="--top-num-embeddings must be at least 0"):
+        check_config(Config(**base, top_num_embeddings=-1))
     # a 2-level checkpoint written before the fields existed had the bottom's stacks and codebook size at the top
-    config = Config(**base, top_residual_blocks=2, top_num_embeddings=16)
+    config = Config(**base, top_residual_blocks=2)
     model = build_model(config)
     save_checkpoint(tmp_path / "old.pt", model, torch.optim.Adam(model.parameters()), 0, config, 1.0, 0.0)
     ckpt = torch.load(tmp_path / "old.pt", weights_only=True)
@@ -148,7 +147,7 @@ def test_the_top_follows_its_flags_and_an_older_checkpoint_keeps_its_own(tmp_pat
     torch.save(ckpt, tmp_path / "old.pt")
     loaded, loaded_config, _ = load_checkpoint(tmp_path / "old.pt")
     assert loaded_config.top_residual_blocks == 2 and depth(loaded) == (2, 2, 2, 2)
-    assert loaded_config.top_num_embeddings == 16 == loaded.top_quantizer.num_embeddings
+    assert loaded.top_quantizer.num_embeddings == 16
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
 

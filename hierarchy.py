@@ -73,7 +73,7 @@ class VQVAE2(nn.Module):
     and the top decoder's. The paper gives the top the same stacks as the bottom; trained on the built-in sample's
     15 photos, a top without them (0, the default) reconstructs unseen photos 0.35 dB better at 128 px: the deeper
     top fits the training photos and its codes carry over less (BENCHMARKS.md, bench_levels). The paper has 512
-    codes at each level; a top of 512 under a bottom of 2048 restarts 100 times fewer top codes, but at 128 px it
+    codes at each level; a top of 512 under a bottom of 2048 makes a hundredth of the restarts, but at 128 px it
     reconstructs both the unseen photos and the held-out strips worse than a top of 2048 (two seeds each), so the
     default top has as many codes as the bottom.
     Example: [c.shape for c in VQVAE2().encode(torch.zeros(2, 3, 128, 128))] == [(2, 16, 16), (2, 32, 32)].

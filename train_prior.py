@@ -127,14 +127,15 @@ def check_config(c: PriorConfig) -> None:
 def model_args(c: PriorConfig, num_embeddings: int, classes: list[str], levels: int = 1,
                top_num_embeddings: int | None = None) -> dict:
     """The keyword arguments of GatedPixelCNN (1 level) or HierarchicalPrior (2) for this config and codes file;
-    num_embeddings is the (bottom) level's K, top_num_embeddings the top's (default: the same)."""
+    num_embeddings is the (bottom) level's K, top_num_embeddings the top's (None: the same, as HierarchicalPrior
+    takes it)."""
     args = {"num_embeddings": num_embeddings, "num_classes": len(classes) if c.conditional else 0,
             "channels": c.channels, "num_layers": c.num_layers, "kernel_size": c.kernel_size, "dropout": c.dropout}
     if c.attention or levels == 2:
         args.update(attention=c.attention, heads=c.heads)
     if levels == 2:
         args.update(cond_channels=c.cond_channels, cond_blocks=c.cond_blocks,
-                    top_num_embeddings=top_num_embeddings or num_embeddings)
+                    top_num_embeddings=top_num_embeddings)
     return args
 
 

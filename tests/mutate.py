@@ -314,7 +314,7 @@ MUTATIONS = [
              "              for q in model.quantizers]",
              (f"{H}::test_a_2_level_checkpoint_rebuilds_its_model_and_evaluate_reports_both_codebooks",)),
     Mutation("top-prior-takes-the-bottoms-k", "Generation", "train_prior.py",
-             "top_num_embeddings=top_num_embeddings or num_embeddings)",
+             "top_num_embeddings=top_num_embeddings)",
              "top_num_embeddings=num_embeddings)",
              (f"{L}::test_evaluate_prior_reports_each_level_and_the_image",)),
     Mutation("unigram-over-the-bottoms-k", "Generation", "evaluate_prior.py",

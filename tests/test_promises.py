@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import Config, model_args
+from checkpoint import TOP_FIELDS, Config, model_args
 from hierarchy import VQVAE2
 from models import FSQ, VQVAE, VQOutput, VectorQuantizer, VectorQuantizerEMA, flatten_latents, kmeans
 
@@ -279,7 +279,7 @@ def test_vqvae_defaults_are_the_configs():
     for name, value in args.items():
         assert params[name].default == value, name
         assert name == "downsample" or params2[name].default == value, name
-    for name in ("top_residual_blocks", "top_num_embeddings"):
+    for name in TOP_FIELDS:
         assert params2[name].default == model_args(Config(levels=2))[name], name
 
 

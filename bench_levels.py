@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from bench_report import ROOT, machine, publish
-from checkpoint import Config, config_from_dict, load_checkpoint, read_checkpoint
+from checkpoint import Config, config_from_dict, load_checkpoint, read_checkpoint, top_codebook_size
 from runs import CheckpointError
 from train import train
 
@@ -70,7 +70,7 @@ def train_pair(size: int, steps: int, batch_size: int, out: Path, seed: int = 0,
             f, train_seconds = result.final, result.history[-1]["elapsed_s"]
             seconds = time.perf_counter() - start
         bits = (size // 4) ** 2 * math.log2(c.num_embeddings) + \
-            ((size // 8) ** 2 * math.log2(c.top_num_embeddings or c.num_embeddings) if levels == 2 else 0)
+            ((size // 8) ** 2 * math.log2(top_codebook_size(c)) if levels == 2 else 0)
         rows.append({"size": size, "levels": levels, "steps": steps, "batch_size": batch_size, "seed": seed,
                      "seconds": round(seconds, 1), "train_seconds": round(train_seconds, 2),
                      "unseen_psnr": f["unseen_psnr"], "unseen_ssim": f["unseen_ssim"],

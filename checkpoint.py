@@ -139,12 +139,20 @@ def check_config(c: Config) -> None:
     require_at_least("top-num-embeddings", c.top_num_embeddings, 0)
     if c.levels not in (1, 2):
         raise ConfigError(f"--levels must be 1 (VQ-VAE) or 2 (VQ-VAE-2), got {c.levels}")
+    if c.levels == 2 and c.quantizer == "fsq" and c.fsq_levels and c.top_num_embeddings:
+        raise ConfigError("--fsq-levels serve both levels, so --top-num-embeddings would be ignored: drop one of "
+                          "the two (without --fsq-levels, each level's FSQ levels follow its own K)")
     if c.levels == 2 and c.downsample != 4:
         raise ConfigError("--levels 2 downsamples by 4 (bottom) and 8 (top) already: leave --downsample at 4")
     factor = 8 if c.levels == 2 else c.downsample
     if c.image_size < factor or c.image_size % factor:
         raise ConfigError(f"--image-size must be a positive multiple of {factor} (the encoder downsamples "
                           f"by {factor}), got {c.image_size}")
+
+
+def top_codebook_size(c: Config) -> int:
+    """The top codebook's K of a 2-level config: --top-num-embeddings, or with 0 the bottom's --num-embeddings."""
+    return c.top_num_embeddings or c.num_embeddings
 
 
 def learning_rate(c: Config, step: int) -> float:
@@ -224,6 +232,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
 def check_resume_matches(saved: Config, current: Config, path: Path) -> None:
     """A resumed run must build the same model on the same data; name the first field that differs."""
     for name in (*MODEL_FIELDS, "data", "image_size", "batch_size", "seed"):
+        if name == "top_num_embeddings":   # compare the sizes the flags give: 0 is the bottom's K
+            if top_codebook_size(saved) == top_codebook_size(current):
+                continue
         if getattr(saved, name) != getattr(current, name):
             raise CheckpointError(f"{path} was trained with --{name.replace('_', '-')} {getattr(saved, name)}, "
                                   f"not {getattr(current, name)}: resume with the same value or use another --out")

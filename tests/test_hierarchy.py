@@ -13,7 +13,7 @@ import torch
 
 import evaluate
 import train
-from checkpoint import Config, build_model, check_config, load_checkpoint, save_checkpoint
+from checkpoint import Config, build_model, check_config, check_resume_matches, load_checkpoint, save_checkpoint
 from hierarchy import VQVAE2
 from image_data import build_data
 from models import VQVAE
@@ -138,6 +138,15 @@ def test_the_top_follows_its_flags_and_an_older_checkpoint_keeps_its_own(tmp_pat
     assert build_model(Config(**base, top_num_embeddings=8)).top_quantizer.num_embeddings == 8
     with pytest.raises(ConfigError, match="--top-num-embeddings must be at least 0"):
         check_config(Config(**base, top_num_embeddings=-1))
+    # explicit FSQ levels serve both levels, so a top K beside them would be silently ignored
+    fsq = dict(base, quantizer="fsq", fsq_levels="4,4")
+    assert [q.num_embeddings for q in build_model(Config(**fsq, top_num_embeddings=8)).quantizers] == [16, 16]
+    with pytest.raises(ConfigError, match="--top-num-embeddings would be ignored: drop one of the two"):
+        check_config(Config(**fsq, top_num_embeddings=8))
+    check_config(Config(**fsq))
+    own = Config(**dict(fsq, fsq_levels="", num_embeddings=1024), top_num_embeddings=256)   # FSQ paper's sizes
+    check_config(own)
+    assert [q.levels for q in build_model(own).quantizers] == [(8, 6, 5), (8, 5, 5, 5)]
     # a 2-level checkpoint written before the fields existed had the bottom's stacks and codebook size at the top
     config = Config(**base, top_residual_blocks=2)
     model = build_model(config)
@@ -168,6 +177,22 @@ def test_resuming_a_run_from_before_top_residual_blocks_names_the_flag_and_resum
                                 top_residual_blocks=1))
     assert [r["step"] for r in resumed.history][-4:] == [5, 6, 7, 8]
     assert len(resumed.model.top_encoder.residual.blocks) == 1
+
+
+def test_the_resume_check_compares_the_top_codebook_sizes_the_flags_give():
+    """--top-num-embeddings 0 means the bottom's K: a run started with the bottom's K spelled out resumes under the
+    default, and the other way round; a different size is refused with the flag."""
+    saved = Config(levels=2, num_embeddings=16, top_num_embeddings=16)
+    check_resume_matches(saved, replace(saved, top_num_embeddings=0), Path("run/checkpoint.pt"))
+    check_resume_matches(replace(saved, top_num_embeddings=0), saved, Path("run/checkpoint.pt"))
+    with pytest.raises(CheckpointError, match="--top-num-embeddings 16, not 8: resume with the same value"):
+        check_resume_matches(saved, replace(saved, top_num_embeddings=8), Path("run/checkpoint.pt"))
+    with pytest.raises(CheckpointError, match="--top-num-embeddings 0, not 8"):
+        check_resume_matches(replace(saved, top_num_embeddings=0), replace(saved, top_num_embeddings=8),
+                             Path("run/checkpoint.pt"))
+    with pytest.raises(CheckpointError, match="--num-embeddings 16, not 8"):   # 0 follows the bottom's K
+        check_resume_matches(replace(saved, top_num_embeddings=0), replace(saved, top_num_embeddings=0,
+                                                                            num_embeddings=8), Path("x"))
 
 
 def test_a_resumed_2_level_run_ends_where_an_uninterrupted_one_does(tmp_path):

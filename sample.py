@@ -47,7 +47,7 @@ def load_vqvae_for(prior_ckpt: dict, device: torch.device, override: str | None 
                               f"pass --vqvae with the checkpoint.pt of a {levels}-level VQ-VAE (train.py --levels "
                               f"{levels}), the one the prior was trained on ({named})")
     args = prior_ckpt["model_args"]
-    prior_ks = [args.get("top_num_embeddings", args["num_embeddings"]), args["num_embeddings"]][-levels:]
+    prior_ks = [args.get("top_num_embeddings") or args["num_embeddings"], args["num_embeddings"]][-levels:]
     vqvae_ks = [q.num_embeddings for q in vqvae.quantizers]   # top first
     if vqvae_ks != prior_ks:
         raise CheckpointError(f"{path} has {' and '.join(map(str, vqvae_ks))} codes but the prior models "

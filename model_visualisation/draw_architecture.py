@@ -39,7 +39,7 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpoint import Config, build_model  # noqa: E402
 from hierarchy import VQVAE2  # noqa: E402
-from models import VQVAE, ModernResidualBlock, ResidualStack, SelfAttention, VQOutput  # noqa: E402
+from models import FSQ, VQVAE, ModernResidualBlock, ResidualStack, SelfAttention, VQOutput  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = {1: HERE / "vqvae.png", 2: HERE / "vqvae2.png"}   # by --levels
@@ -212,6 +212,24 @@ def stage(ax: plt.Axes, cx: float, layers: list[Record], color: str, title: str,
     return cx
 
 
+def rule_lines(q: nn.Module, z: str, indices: tuple[int, ...]) -> list[str]:
+    """The quantizer's codebook and nearest-code rule as it runs: eq. 1 in D dimensions, or (the defaults) between
+    unit vectors in a low-dimensional projection u = W z, or FSQ's rounding to a grid."""
+    if isinstance(q, FSQ):
+        return [f"K = {q.num_embeddings} grid points", f"levels {','.join(map(str, q.levels))}", "",
+                f"${z}$ projected to {len(q.levels)}-d,", "bounded and rounded", f"indices {shape_str(indices)}"]
+    lookup, cosine = getattr(q, "lookup_dim", 0), getattr(q, "cosine", False)
+    u = "u" if lookup else z
+    unit = (lambda v: rf"\hat{{{v}}}") if cosine else (lambda v: v)
+    lines = [f"K = {q.num_embeddings} codes", f"of dimension {lookup or q.embedding_dim}"]
+    lines.append(rf"searched in $u = W{z}$" if lookup else "")
+    lines += ["nearest code, eq. 1" + (" (^ unit):" if cosine else ":"),
+              rf"$k=\mathrm{{argmin}}_j\,\|{unit(u)}-{unit('e')}_j\|_2$", f"indices {shape_str(indices)}"]
+    if hasattr(q, "decay"):
+        lines.append(f"EMA codebook, γ = {q.decay}")
+    return lines
+
+
 def quantizer_box(ax: plt.Axes, vx: float, q: nn.Module, r: Record, z: str, y: float = Y) -> float:
     """The vector quantizer at vx: the codebook (the model's actual K x D buffer) and the nearest-code rule for
     the input called z; returns its right edge."""
@@ -223,11 +241,7 @@ def quantizer_box(ax: plt.Axes, vx: float, q: nn.Module, r: Record, z: str, y: f
     ax.imshow(cb, extent=(vx + 0.15, vx + 0.7, y - 0.8, y + 0.75), aspect="auto", cmap="coolwarm",
               interpolation="nearest", zorder=2)
     ax.text(vx + 0.425, y - 0.86, "codebook", ha="center", va="top", fontsize=7.5)
-    rule = [f"K = {q.num_embeddings} codes", f"of dimension D = {q.embedding_dim}", "",
-            "nearest code, eq. 1:", rf"$k=\mathrm{{argmin}}_j\,\|{z}-e_j\|_2$", f"indices {shape_str(r.indices)}"]
-    if hasattr(q, "decay"):
-        rule.append(f"EMA codebook, γ = {q.decay}")
-    for i, line in enumerate(rule):
+    for i, line in enumerate(rule_lines(q, z, r.indices)):
         ax.text(vx + 0.8, y + 0.72 - i * 0.235, line, ha="left", va="center", fontsize=8)
     return vx + VW
 

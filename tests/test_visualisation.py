@@ -66,3 +66,18 @@ def test_vqvae2_picture_is_traced_with_vqvae2s_real_shapes_at_128px(tmp_path):
     assert upsample.shape == tuple(up.shape) == (1, 64, 32, 32)
     assert cat.in_shape == (1, 64 + 64, 32, 32)
     assert rec["decoder"][-1].shape == cat.shape == tuple(output.reconstruction.shape) == (1, 3, 128, 128)
+
+
+def test_the_quantizer_box_states_the_search_the_model_runs():
+    """The default codebook is searched between unit vectors of a 4-d projection, not eq. 1 in D dimensions; the
+    box must say so, and say eq. 1 plainly for a quantizer that runs it."""
+    from models import FSQ, VectorQuantizerEMA
+    module = load_script()
+    default = build_model(Config()).quantizer
+    lines = module.rule_lines(default, "z_e(x)", (1, 16, 16))
+    assert lines[:3] == [f"K = {Config.num_embeddings} codes", f"of dimension {Config.lookup_dim}",
+                         "searched in $u = Wz_e(x)$"]
+    assert r"\hat{u}-\hat{e}_j" in lines[4] and "indices 16x16" in lines
+    plain = module.rule_lines(VectorQuantizerEMA(16, 8, cosine=False, lookup_dim=0), "z", (1, 4, 4))
+    assert plain[:3] == ["K = 16 codes", "of dimension 8", ""] and r"\|z-e_j\|_2" in plain[4]
+    assert "levels 8,5,5,5" in module.rule_lines(FSQ(1000, 8), "z", (1, 4, 4))

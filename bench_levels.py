@@ -3,6 +3,7 @@ training steps on the built-in sample, and the 2-level prior against the unigram
 
     python bench_levels.py --write              # the table (and figure) into BENCHMARKS.md
     python bench_levels.py --sizes 128 --steps 100 --prior-steps 50   # a quick look
+    python bench_levels.py --sizes 128 --steps 2842 --seeds 0,1,2,3 --reuse   # the 128 px floor over four seeds
 
 With --prior-steps N (at the first size): each model's codes are extracted (`extract_codes`, --passes passes over
 the training split), a prior is trained on them for N steps (`train_prior`: one gated PixelCNN over the 1-level map;
@@ -12,13 +13,17 @@ baselines (per level, summed), and the wall-clock seconds to draw and decode 16 
 warm-up). The figure model_visualisation/levels.png shows unseen photos, both models' reconstructions and 8
 samples of each.
 
-For each size, both models train through train.py's `train()` with train.Config's defaults, the same steps, batch
-and seed; the only difference is --levels. Both have the same bottom grid (S/4 x S/4 codes); the 2-level model adds
-a top grid of S/8 x S/8 codes (of its own K, --top-num-embeddings), so it spends more bits per image (positions x
-log2 K, summed over the levels), reported beside its PSNR.
+For each size and seed, both models train through train.py's `train()` with train.Config's defaults, the same
+steps, batch and seed; the only difference is --levels. Runs of one configuration that differ only in their seed
+(their initial weights and batches) spread over about 0.3 dB on the 4 unseen photos, so with --seeds the PSNR gap
+between the levels is read as its mean over the seeds, with the standard error of that mean. Both have the same
+bottom grid (S/4 x S/4 codes); the 2-level model adds a top grid of S/8 x S/8 codes (of its own K,
+--top-num-embeddings), so it spends more bits per image (positions x log2 K, summed over the levels), reported
+beside its PSNR.
 Reported: PSNR and SSIM on the sample's 4 unseen photos and on the held-out strips, codebook usage (each level's for
 the 2-level model), bits per image, training seconds. The run folders are kept under --out (default
-runs/bench_levels/) for the figure and the priors.
+runs/bench_levels/; seed N > 0 under --out with -seedN appended) for the figure and the priors, which use the
+first seed's runs.
 """
 from __future__ import annotations
 
@@ -49,6 +54,11 @@ def finished_run(folder: Path, c: Config) -> tuple[dict, float] | None:
         return None
     same = config_from_dict(ckpt["config"]) == replace(c, overwrite=ckpt["config"]["overwrite"])
     return (ckpt["metrics"], ckpt["elapsed"]) if same and ckpt["step"] == c.steps and ckpt.get("metrics") else None
+
+
+def seed_folder(out: Path, seed: int) -> Path:
+    """The folder of one seed's run folders: `out` for seed 0, `out`-seedN for seed N."""
+    return out if seed == 0 else out.with_name(f"{out.name}-seed{seed}")
 
 
 def train_pair(size: int, steps: int, batch_size: int, out: Path, seed: int = 0, reuse: bool = False) -> list[dict]:
@@ -153,12 +163,12 @@ def figure(rows: list[dict], path: Path) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| size | levels | steps | batch | train s | unseen PSNR | unseen SSIM | strips PSNR | usage | "
-             "bits/image |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| size | levels | seed | steps | batch | train s | unseen PSNR | unseen SSIM | strips PSNR | usage | "
+             "bits/image |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         usage = " / ".join(f"{u:.0%}" for u in r["usage_by_level"]) + " (top / bottom)" if r["usage_by_level"] \
             else f"{r['codebook_usage']:.0%}"
-        lines.append(f"| {r['size']} px | {r['levels']} | {r['steps']} | {r['batch_size']} | "
+        lines.append(f"| {r['size']} px | {r['levels']} | {r['seed']} | {r['steps']} | {r['batch_size']} | "
                      f"{r['train_seconds']:.0f} | {r['unseen_psnr']:.2f} dB | {r['unseen_ssim']:.3f} | "
                      f"{r['strips_psnr']:.2f} dB | {usage} | {r['bits_per_image']:.0f} |")
     return "\n".join(lines)
@@ -177,15 +187,42 @@ def prior_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def gaps(rows: list[dict], size: int, key: str = "unseen_psnr") -> dict[int, float]:
+    """{seed: the 2-level model's `key` minus the 1-level model's} at `size`, for each seed that has both."""
+    by_seed: dict[int, dict[int, float]] = {}
+    for r in rows:
+        if r["size"] == size:
+            by_seed.setdefault(r["seed"], {})[r["levels"]] = r[key]
+    return {seed: pair[2] - pair[1] for seed, pair in sorted(by_seed.items()) if len(pair) == 2}
+
+
+def mean_and_error(values: list[float]) -> tuple[float, float | None]:
+    """The mean and its standard error (sample standard deviation / sqrt(n); None for one value)."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None)
+
+
 def verdicts(rows: list[dict]) -> list[str]:
     out = []
     for size in sorted({r["size"] for r in rows}):
-        pair = {r["levels"]: r for r in rows if r["size"] == size}
-        if len(pair) == 2:
-            gain = pair[2]["unseen_psnr"] - pair[1]["unseen_psnr"]
-            out.append(f"{size} px, {pair[1]['steps']} steps each: the 2-level model's unseen-photo PSNR is "
-                       f"{gain:+.2f} dB against the 1-level model's with the same {size // 4}x{size // 4} bottom "
-                       f"grid, for {pair[2]['bits_per_image'] / pair[1]['bits_per_image'] - 1:+.0%} bits per image.")
+        unseen, strips = gaps(rows, size), gaps(rows, size, "strips_psnr")
+        if not unseen:
+            continue
+        one = next(r for r in rows if r["size"] == size and r["levels"] == 1)
+        two = next(r for r in rows if r["size"] == size and r["levels"] == 2)
+        bits = f"for {two['bits_per_image'] / one['bits_per_image'] - 1:+.0%} bits per image"
+        grid = f"the 1-level model's with the same {size // 4}x{size // 4} bottom grid"
+        if len(unseen) == 1:
+            out.append(f"{size} px, {one['steps']} steps each: the 2-level model's unseen-photo PSNR is "
+                       f"{next(iter(unseen.values())):+.2f} dB against {grid}, {bits}.")
+            continue
+        (mean, error), (strip_mean, strip_error) = mean_and_error(list(unseen.values())), \
+            mean_and_error(list(strips.values()))
+        each = ", ".join(f"{g:+.2f}" for g in unseen.values())
+        out.append(f"{size} px, {one['steps']} steps each, seeds {', '.join(map(str, unseen))}: the 2-level model's "
+                   f"unseen-photo PSNR is {mean:+.2f} dB (standard error {error:.2f}; per seed {each}) against "
+                   f"{grid}, {bits}; on the held-out strips {strip_mean:+.2f} dB (standard error "
+                   f"{strip_error:.2f}).")
     return out
 
 
@@ -194,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="128,256", help="comma-separated image sizes (multiples of 8)")
     p.add_argument("--steps", default="600,250", help="training steps per size (one value, or one per size)")
     p.add_argument("--batch-size", type=int, default=Config.batch_size)
-    p.add_argument("--seed", type=int, default=0, help="seed of every run (the floors are read at seed 0)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; each trains both models at every size")
     p.add_argument("--prior-steps", type=int, default=0, help="train and evaluate priors at the first size")
     p.add_argument("--passes", type=int, default=20, help="extract_codes passes for the priors")
     p.add_argument("--out", default="runs/bench_levels", help="folder for the run folders")
@@ -208,9 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     steps = steps * len(sizes) if len(steps) == 1 else steps
     if len(steps) != len(sizes):
         raise SystemExit("--steps takes one value, or one per --sizes entry")
-    rows = [r for size, n in zip(sizes, steps) for r in train_pair(size, n, args.batch_size, Path(args.out),
-                                                                      args.seed, args.reuse)]
-    first = [r for r in rows if r["size"] == sizes[0]]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = [r for size, n in zip(sizes, steps) for seed in seeds
+            for r in train_pair(size, n, args.batch_size, seed_folder(Path(args.out), seed), seed, args.reuse)]
+    first = [r for r in rows if r["size"] == sizes[0] and r["seed"] == seeds[0]]
     if args.prior_steps:
         for r in first:
             r.update(prior_row(r, args.prior_steps, args.passes, args.prior_batch_size))
@@ -228,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r.pop("sample_images", None)
     note = (f"Machine: {machine()}, bf16 autocast where the CPU has it. train.Config's defaults (batch "
-            f"{args.batch_size}, seed {args.seed}), the built-in sample at each size; PSNR/SSIM on the 4 unseen "
-            f"photos and the held-out strips.")
+            f"{args.batch_size}, seeds {', '.join(map(str, seeds))}), the built-in sample at each size; PSNR/SSIM "
+            f"on the 4 unseen photos and the held-out strips.")
     publish("bench_levels.py", "One level or two: `bench_levels.py`", argv, note + "\n\n" + text, args.write,
             args.json, {"rows": rows})
     return 0

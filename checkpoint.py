@@ -67,6 +67,7 @@ class Config:
     lr: float = 1e-3                # Adam's peak learning rate (the paper: a constant 2e-4, see --lr-schedule)
     lr_schedule: str = "cosine"     # cosine (decays to 0 at --steps) or constant (the paper)
     warmup_steps: int = 100         # steps of linear warm-up from 0 to --lr
+    clip_grad_norm: float = 0.0     # scale the gradients down to this total norm where it is larger (0: off)
     seed: int = 0                   # seeds the weights and the order and augmentation of batches
     # hardware
     device: str = "auto"            # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
@@ -135,6 +136,7 @@ def check_config(c: Config) -> None:
     if c.lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"--lr-schedule must be constant or cosine, got {c.lr_schedule!r}")
     require_at_least("warmup-steps", c.warmup_steps, 0)
+    require_at_least("clip-grad-norm", c.clip_grad_norm, 0)
     require_at_least("top-residual-blocks", c.top_residual_blocks, 0)
     require_at_least("top-num-embeddings", c.top_num_embeddings, 0)
     if c.levels not in (1, 2):

@@ -214,6 +214,8 @@ def _train(c: Config, procs: Processes, device: torch.device, callback: Callable
                 loss = reconstruction_loss + out_.vq.loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if c.clip_grad_norm:   # after DDP's all-reduce, so every process scales by the same factor
+                torch.nn.utils.clip_grad_norm_(model.parameters(), c.clip_grad_norm)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(c, step)
             optimizer.step()

@@ -44,6 +44,7 @@ class Mutation:
 
 P, PD, PR = "tests/test_promises.py", "tests/test_promises_data.py", "tests/test_promises_runs.py"
 L, H = "tests/test_prior_levels.py", "tests/test_hierarchy.py"
+CLIP = "tests/test_train.py::test_clip_grad_norm_scales_the_gradients_down_to_the_norm_and_keeps_their_direction"
 MUTATIONS = [
     # ---- the quantizers' maths (README "The model")
     Mutation("nearest-code-distance", "The model", "models.py",
@@ -328,6 +329,11 @@ MUTATIONS = [
              "if top_codebook_size(saved) == top_codebook_size(current):",
              "if saved.top_num_embeddings == current.top_num_embeddings:",
              (f"{H}::test_the_resume_check_compares_the_top_codebook_sizes_the_flags_give",)),
+    Mutation("clip-grad-norm-ignored", "Command line", "train.py",
+             "            if c.clip_grad_norm:   #", "            if False:   #", (CLIP,)),
+    Mutation("clip-grad-norm-too-tight", "Command line", "train.py",
+             "clip_grad_norm_(model.parameters(), c.clip_grad_norm)",
+             "clip_grad_norm_(model.parameters(), min(c.clip_grad_norm, 1e-3))", (CLIP,)),
     Mutation("resume-checks-an-absent-top", "Two levels", "checkpoint.py",
              "if name in TOP_FIELDS and saved.levels == current.levels == 1:",
              "if name in TOP_FIELDS and saved.levels == current.levels == 3:",

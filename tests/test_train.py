@@ -161,3 +161,40 @@ def test_train_optimizer_is_fused_adam_and_follows_plain_adam_both_ways():
         resumed, _ = run(second, state=half, steps=range(3, 6))
         for a, b in zip(resumed, whole):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _first_step_gradients(monkeypatch, c: Config) -> list[torch.Tensor]:
+    """The gradients the optimizer receives at the first step of a run of c (copies, in parameter order)."""
+    seen = []
+    make = train.make_optimizer
+
+    def recording(params, lr, device):
+        optimizer = make(params, lr, device)
+        step = optimizer.step
+
+        def step_and_record(*args, **kwargs):
+            if not seen:
+                seen.extend(p.grad.detach().double().clone() for g in optimizer.param_groups for p in g["params"])
+            return step(*args, **kwargs)
+        optimizer.step = step_and_record
+        return optimizer
+    monkeypatch.setattr(train, "make_optimizer", recording)
+    train.train(c)
+    return seen
+
+
+def test_clip_grad_norm_scales_the_gradients_down_to_the_norm_and_keeps_their_direction(tmp_path, monkeypatch):
+    plain = _first_step_gradients(monkeypatch, tiny_config(tmp_path / "plain", steps=1, eval_every=1))
+    norm = math.sqrt(sum(float((g ** 2).sum()) for g in plain))   # the total norm, computed here by hand
+    assert norm > 0
+    clipped = _first_step_gradients(monkeypatch, tiny_config(tmp_path / "clipped", steps=1, eval_every=1,
+                                                             clip_grad_norm=norm / 4))
+    assert math.sqrt(sum(float((g ** 2).sum()) for g in clipped)) == pytest.approx(norm / 4, rel=1e-5)
+    for a, b in zip(plain, clipped):
+        torch.testing.assert_close(b, a / 4, rtol=1e-5, atol=1e-12)
+    loose = _first_step_gradients(monkeypatch, tiny_config(tmp_path / "loose", steps=1, eval_every=1,
+                                                           clip_grad_norm=norm * 4))   # below the limit: untouched
+    for a, b in zip(plain, loose):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    with pytest.raises(checkpoint.ConfigError, match="--clip-grad-norm must be at least 0"):
+        checkpoint.check_config(tiny_config(tmp_path / "bad", clip_grad_norm=-1.0))

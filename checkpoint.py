@@ -169,11 +169,16 @@ def learning_rate(c: Config, step: int) -> float:
     return c.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def unused_fields(levels: int) -> tuple[str, ...]:
+    """The MODEL_FIELDS a model of `levels` levels does not take: downsample with 2 levels (the 2-level model
+    downsamples by 4 and 8 by construction), the TOP_FIELDS with 1."""
+    return ("downsample",) if levels == 2 else TOP_FIELDS
+
+
 def model_args(c: Config) -> dict:
-    """The model's constructor arguments and "levels": downsample only for the 1-level model (the 2-level one
-    downsamples by 4 and 8 by construction), the TOP_FIELDS only for the 2-level one."""
+    """The model's constructor arguments and "levels": MODEL_FIELDS less the `unused_fields` of its levels."""
     args = {name: getattr(c, name) for name in MODEL_FIELDS}
-    for name in ("downsample",) if c.levels == 2 else TOP_FIELDS:
+    for name in unused_fields(c.levels):
         del args[name]
     args["fsq_levels"] = tuple(int(v) for v in c.fsq_levels.split(",")) if c.fsq_levels else None
     return args
@@ -233,8 +238,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
 
 def check_resume_matches(saved: Config, current: Config, path: Path) -> None:
     """A resumed run must build the same model on the same data; name the first field that differs."""
+    unused = unused_fields(saved.levels) if saved.levels == current.levels else ()   # they build nothing there
     for name in (*MODEL_FIELDS, "data", "image_size", "batch_size", "seed"):
-        if name in TOP_FIELDS and saved.levels == current.levels == 1:   # they shape nothing in one level
+        if name in unused:
             continue
         if name == "top_num_embeddings":   # compare the sizes the flags give: 0 is the bottom's K
             if top_codebook_size(saved) == top_codebook_size(current):

@@ -195,7 +195,6 @@ def test_the_resume_check_compares_the_top_codebook_sizes_the_flags_give():
                                                                             num_embeddings=8), Path("x"))
 
 
-
 def test_a_1_level_run_resumes_whatever_the_top_flags_say():
     """--top-residual-blocks and --top-num-embeddings build nothing in a 1-level model, so a 1-level run resumes
     under any value of them; in a 2-level run they shape the top and a change is refused."""
@@ -206,6 +205,7 @@ def test_a_1_level_run_resumes_whatever_the_top_flags_say():
         check_resume_matches(two, replace(two, top_residual_blocks=2), Path("run/checkpoint.pt"))
     with pytest.raises(CheckpointError, match="--levels 1, not 2"):
         check_resume_matches(saved, two, Path("run/checkpoint.pt"))
+
 
 def test_a_resumed_2_level_run_ends_where_an_uninterrupted_one_does(tmp_path):
     straight = train.train(tiny2(tmp_path / "straight", image_size=32, steps=8, eval_every=4))

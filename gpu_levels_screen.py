@@ -1,0 +1,68 @@
+"""The table of gpu_levels_screen.sh: per setting, the 2-level minus the 1-level unseen-photo PSNR over the seeds
+whose two runs both finished (mean and standard error), with each level's mean PSNR.
+
+    python3 gpu_levels_screen.py OUT_FOLDER [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from bench_levels import mean_and_error
+from checkpoint import read_checkpoint
+from runs import CheckpointError
+
+
+def finished(folder: Path) -> dict:
+    """{(setting, seed, levels): final metrics} of every finished run folder under `folder`."""
+    found = {}
+    for run in sorted(p for p in folder.iterdir() if p.is_dir()):
+        m = re.fullmatch(r"(.+)-seed(\d+)-([12])", run.name)
+        if not m:
+            continue
+        try:
+            ckpt = read_checkpoint(run / "checkpoint.pt")
+        except (CheckpointError, OSError):
+            continue
+        if ckpt["step"] == ckpt["config"]["steps"] and ckpt.get("metrics"):
+            found[(m[1], int(m[2]), int(m[3]))] = dict(ckpt["metrics"], elapsed=ckpt["elapsed"])
+    return found
+
+
+def table(found: dict) -> list[str]:
+    by_setting = defaultdict(dict)
+    for (setting, seed, levels), metrics in found.items():
+        by_setting[setting].setdefault(seed, {})[levels] = metrics
+    lines = ["| setting | seeds | 1-level unseen PSNR | 2-level unseen PSNR | gap (2 - 1) | per seed | train s (1, 2) |",
+             "|---|---|---|---|---|---|---|"]
+    for setting, seeds in by_setting.items():
+        pairs = {s: m for s, m in sorted(seeds.items()) if 1 in m and 2 in m}
+        if not pairs:
+            continue
+        gaps = [m[2]["unseen_psnr"] - m[1]["unseen_psnr"] for m in pairs.values()]
+        mean, error = mean_and_error(gaps)
+        one = mean_and_error([m[1]["unseen_psnr"] for m in pairs.values()])[0]
+        two = mean_and_error([m[2]["unseen_psnr"] for m in pairs.values()])[0]
+        secs = [mean_and_error([m[k]["elapsed"] for m in pairs.values()])[0] for k in (1, 2)]
+        lines.append(f"| {setting} | {','.join(map(str, pairs))} | {one:.2f} dB | {two:.2f} dB | {mean:+.2f} dB"
+                     f"{'' if error is None else f' (SE {error:.2f})'} | {', '.join(f'{g:+.2f}' for g in gaps)} | "
+                     f"{secs[0]:.0f}, {secs[1]:.0f} |")
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("folder")
+    p.add_argument("--json", default=None, help="also write every finished run's final metrics as JSON")
+    a = p.parse_args()
+    found = finished(Path(a.folder))
+    print("\n".join(table(found)))
+    if a.json:
+        Path(a.json).write_text(json.dumps({f"{k[0]}-seed{k[1]}-{k[2]}": v for k, v in found.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

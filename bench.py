@@ -34,6 +34,7 @@ On a GPU it also runs 128x128 at batch 128.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -382,6 +383,12 @@ def summary(results: dict) -> str:
     return "summary: " + "; ".join(parts)
 
 
+def done(section: str, value):
+    """Print one finished section's raw figures as a JSON line at once (a run stopped by a time limit keeps them)."""
+    print(json.dumps({section: value}, default=str), flush=True)
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
@@ -401,18 +408,21 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": machine(), "device": str(device), "threads": torch.get_num_threads()}
     # (batch, size): on a GPU, 64x64 batch 32, 128x128 batch 128 and 256x256 batch 64
     sizes = [(32, 64), (128, 128), (64, 256)] if device.type == "cuda" else [(32, 32), (32, 64)]
-    results["training"] = [bench_training(device, size, batch, args.repeats, args.steps_per_repeat, args.compile)
-                           for batch, size in sizes]
-    results["matmul_peak"] = {"off": matmul_peak(device, torch.float32, args.repeats)}
+    if args.compile:   # every compiled model is a new instance, and each one's guards count against this limit
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    results["training"] = [done("training", bench_training(device, size, batch, args.repeats, args.steps_per_repeat,
+                                                           args.compile)) for batch, size in sizes]
+    results["matmul_peak"] = {"off": done("matmul_peak float32", matmul_peak(device, torch.float32, args.repeats))}
     if amp_dtype_for("auto", device) is not None:
-        results["matmul_peak"]["bfloat16"] = matmul_peak(device, torch.bfloat16, args.repeats)
-    results["quantizer"] = bench_quantizers(device, args.repeats)
+        results["matmul_peak"]["bfloat16"] = done("matmul_peak bfloat16",
+                                                  matmul_peak(device, torch.bfloat16, args.repeats))
+    results["quantizer"] = done("quantizer", bench_quantizers(device, args.repeats))
     if args.e2e_steps:
         model_only = next(r for r in results["training"] if r["size"] == 64)["ours_images_per_s"]
-        results["end_to_end"] = bench_end_to_end(device, args.e2e_steps, model_only)
+        results["end_to_end"] = done("end_to_end", bench_end_to_end(device, args.e2e_steps, model_only))
     if args.quality_steps:
         results["quality_steps"] = args.quality_steps
-        results["quality"] = bench_quality(device, args.quality_steps, args.quality_seeds)
+        results["quality"] = done("quality", bench_quality(device, args.quality_steps, args.quality_seeds))
     text = report(results)
     print(text)
     print(summary(results))

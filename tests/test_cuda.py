@@ -47,7 +47,10 @@ def test_nearest_codes_on_cuda_equal_a_float64_brute_force():
 
 def test_a_short_bf16_channels_last_fused_adam_run_learns_and_stays_finite(tmp_path):
     assert runs.amp_dtype_for("auto", CUDA) == torch.bfloat16 and runs.use_channels_last(CUDA, torch.bfloat16)
-    result = train.train(small(tmp_path / "run"))
+    # 200 steps after a 20-step warm-up: on the CPU in float32 this configuration ends at 0.33-0.37 of its first
+    # logged loss (seeds 0 and 1); at 60 steps inside the default 100-step warm-up it had not learned yet, on the CPU
+    # as on an H200 (whose losses matched the CPU's to two decimals)
+    result = train.train(small(tmp_path / "run", steps=200, eval_every=200, log_every=20, warmup_steps=20))
     losses = [r["loss"] for r in result.history]
     assert losses[-1] < 0.7 * losses[0], losses
     for name, buffer in result.model.quantizer.state_dict().items():
@@ -55,25 +58,52 @@ def test_a_short_bf16_channels_last_fused_adam_run_learns_and_stays_finite(tmp_p
     assert result.final["codebook_usage"] > 0.05 and np.isfinite(result.final["psnr"])
 
 
-def test_compiled_and_eager_steps_agree_to_bf16_tolerance():
+def _eager_and_compiled(dtype):
+    """Two copies of one k-means-initialised model, the second torch.compile'd; the input batch."""
     torch.manual_seed(0)
-    eager = VQVAE(hidden_channels=32, residual_channels=16, num_residual_blocks=1, embedding_dim=16,
-                  num_embeddings=64, kmeans_init=True).to(CUDA).to(memory_format=torch.channels_last).train()
+    kw = dict(hidden_channels=32, residual_channels=16, num_residual_blocks=1, embedding_dim=16, num_embeddings=64,
+              kmeans_init=True)
+    eager = VQVAE(**kw).to(CUDA).to(memory_format=torch.channels_last).train()
     x = (torch.rand(16, 3, 32, 32, device=CUDA) - 0.5).contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         eager(x)                                                                # k-means initialisation
-    compiled_model = VQVAE(hidden_channels=32, residual_channels=16, num_residual_blocks=1, embedding_dim=16,
-                           num_embeddings=64, kmeans_init=True).to(CUDA).to(memory_format=torch.channels_last)
-    compiled_model.load_state_dict(eager.state_dict())
-    compiled_model.train()
-    compiled = torch.compile(compiled_model)
+    twin = VQVAE(**kw).to(CUDA).to(memory_format=torch.channels_last)
+    twin.load_state_dict(eager.state_dict())
+    return eager, torch.compile(twin.train()), x
+
+
+def test_compiled_and_eager_steps_agree_in_float32():
+    """Without TF32 the compiled model computes the eager one's function to float32 rounding: almost every pixel
+    and code the same. On an H200 (torch 2.11) most pixels differed by at most 1.5e-8 and the largest difference was
+    2e-4 (of 0.19), as where a near tie of the 4-d cosine lookup flips one code: so a few flips are allowed, and the
+    mean difference must stay at rounding level."""
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        eager, compiled, x = _eager_and_compiled(torch.float32)
+        for _ in range(2):
+            a, b = eager(x), compiled(x)
+            difference = (a.reconstruction - b.reconstruction).abs()
+            assert difference.mean() < 1e-4 * a.reconstruction.abs().mean()    # a flip moves ~1e-6
+            assert difference.max() < 0.05 * a.reconstruction.abs().max()
+            assert torch.allclose(a.vq.loss, b.vq.loss, rtol=1e-3, atol=1e-6)
+            assert (a.vq.indices == b.vq.indices).float().mean() > 0.995       # 5 flips or fewer of 1024 codes
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def test_compiled_and_eager_steps_agree_to_bf16_tolerance():
+    """In bf16 the two round differently (other fusions), and in the default 4-d cosine lookup with 64 codes near
+    ties are common, so a few codes flip: 96.6% of them agreed on an H200 (torch 2.11). The float32 test above is
+    the tight one; this one bounds the bf16 drift."""
+    eager, compiled, x = _eager_and_compiled(torch.bfloat16)
     for _ in range(2):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             a, b = eager(x), compiled(x)
         ra, rb = a.reconstruction.float(), b.reconstruction.float()
         assert (ra - rb).abs().max() < 0.05 * ra.abs().max()
         assert torch.allclose(a.vq.loss, b.vq.loss, rtol=2e-2, atol=1e-4)
-        assert (a.vq.indices == b.vq.indices).float().mean() > 0.98
+        assert (a.vq.indices == b.vq.indices).float().mean() > 0.9
 
 
 def test_evaluate_on_cuda_equals_evaluate_on_the_cpu(tmp_path):

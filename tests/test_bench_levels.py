@@ -62,3 +62,17 @@ def test_clip_grad_norm_reaches_every_run_and_a_different_one_is_trained_again(t
     assert bench_levels.main([*args[:-2], "0.25", "--reuse"]) == 0      # not the same run: trained again
     assert all(p.stat().st_mtime_ns != s for p, s in zip(checkpoints, stamps))
     assert [torch.load(p, weights_only=False)["config"]["clip_grad_norm"] for p in checkpoints] == [0.25, 0.25]
+
+
+def test_the_gpu_screen_tables_each_setting_over_the_seeds_whose_two_runs_finished():
+    import gpu_levels_screen
+
+    def m(psnr, s):
+        return {"unseen_psnr": psnr, "elapsed": s}
+    found = {("clip1", 0, 1): m(28.0, 10), ("clip1", 0, 2): m(28.1, 20), ("clip1", 1, 1): m(27.9, 12),
+             ("clip1", 1, 2): m(27.8, 22), ("clip1", 2, 1): m(28.4, 11),           # seed 2's 2-level run unfinished
+             ("clip0", 3, 2): m(27.0, 20)}                                            # no pair at all: no row
+    header, rule, *rows = gpu_levels_screen.table(found)
+    assert len(rows) == 1 and header.startswith("| setting |")
+    # gaps +0.1 and -0.1: mean 0, sample sd sqrt(0.02) = 0.1414, standard error 0.1414 / sqrt 2 = 0.10
+    assert rows[0] == "| clip1 | 0,1 | 27.95 dB | 27.95 dB | +0.00 dB (SE 0.10) | +0.10, -0.10 | 11, 21 |"

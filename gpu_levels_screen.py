@@ -10,6 +10,7 @@ import json
 import re
 from collections import defaultdict
 from pathlib import Path
+from statistics import fmean
 
 from bench_levels import mean_and_error
 from checkpoint import read_checkpoint
@@ -44,9 +45,8 @@ def table(found: dict) -> list[str]:
             continue
         gaps = [m[2]["unseen_psnr"] - m[1]["unseen_psnr"] for m in pairs.values()]
         mean, error = mean_and_error(gaps)
-        one = mean_and_error([m[1]["unseen_psnr"] for m in pairs.values()])[0]
-        two = mean_and_error([m[2]["unseen_psnr"] for m in pairs.values()])[0]
-        secs = [mean_and_error([m[k]["elapsed"] for m in pairs.values()])[0] for k in (1, 2)]
+        one, two = (fmean(m[k]["unseen_psnr"] for m in pairs.values()) for k in (1, 2))
+        secs = [fmean(m[k]["elapsed"] for m in pairs.values()) for k in (1, 2)]
         lines.append(f"| {setting} | {','.join(map(str, pairs))} | {one:.2f} dB | {two:.2f} dB | {mean:+.2f} dB"
                      f"{'' if error is None else f' (SE {error:.2f})'} | {', '.join(f'{g:+.2f}' for g in gaps)} | "
                      f"{secs[0]:.0f}, {secs[1]:.0f} |")

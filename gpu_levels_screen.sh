@@ -31,7 +31,7 @@ while IFS='|' read -r name flags; do
     done
 done <<< "$settings" |
 xargs -P "$jobs" -L 1 bash -c 'run=$0 levels=$1 seed=$2; shift 2
-    python3 train.py --device "${DEVICE:-cuda}" --image-size 128 --levels "$levels" --seed "$seed" --steps '"$steps"' \
-        --eval-every '"$steps"' --log-every '"$((steps / 10))"' --no-progress --overwrite \
+    python3 train.py --device "$DEVICE" --image-size 128 --levels "$levels" --seed "$seed" --steps '"$steps"' \
+        --eval-every '"$steps"' --log-every '"$((steps >= 10 ? steps / 10 : 1))"' --no-progress --overwrite \
         --out '"$out"'/"$run" "$@" > '"$out"'/"$run".log 2>&1; echo "$run: exit $?"'
 python3 gpu_levels_screen.py "$out"

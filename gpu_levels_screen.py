@@ -1,7 +1,8 @@
 """The table of gpu_levels_screen.sh: per setting, the 2-level minus the 1-level unseen-photo PSNR over the seeds
-whose two runs both finished (mean and standard error), with each level's mean PSNR.
+whose two runs both finished (mean and standard error), with each level's mean PSNR. A setting with no 1-level runs
+(a change to the 2-level model alone) is compared with the reference setting's 1-level run of each seed.
 
-    python3 gpu_levels_screen.py OUT_FOLDER [--json FILE]
+    python3 gpu_levels_screen.py OUT_FOLDER [--json FILE] [--reference clip1]
 """
 from __future__ import annotations
 
@@ -33,21 +34,24 @@ def finished(folder: Path) -> dict:
     return found
 
 
-def table(found: dict) -> list[str]:
-    by_setting = defaultdict(dict)
+def table(found: dict, reference: str = "clip1") -> list[str]:
+    runs = defaultdict(dict)                    # setting -> seed -> {levels: final metrics}
     for (setting, seed, levels), metrics in found.items():
-        by_setting[setting].setdefault(seed, {})[levels] = metrics
+        runs[setting].setdefault(seed, {})[levels] = metrics
     lines = ["| setting | seeds | 1-level unseen PSNR | 2-level unseen PSNR | gap (2 - 1) | per seed | train s (1, 2) |",
              "|---|---|---|---|---|---|---|"]
-    for setting, seeds in by_setting.items():
-        pairs = {s: m for s, m in sorted(seeds.items()) if 1 in m and 2 in m}
+    for setting, seeds in runs.items():
+        own = any(1 in m for m in seeds.values())
+        ones = seeds if own else runs.get(reference, {})       # a 2-level-only setting: the reference's 1-level runs
+        pairs = {s: (ones[s][1], m[2]) for s, m in sorted(seeds.items()) if 2 in m and 1 in ones.get(s, {})}
         if not pairs:
             continue
-        gaps = [m[2]["unseen_psnr"] - m[1]["unseen_psnr"] for m in pairs.values()]
+        gaps = [two["unseen_psnr"] - one["unseen_psnr"] for one, two in pairs.values()]
         mean, error = mean_and_error(gaps)
-        one, two = (fmean(m[k]["unseen_psnr"] for m in pairs.values()) for k in (1, 2))
-        secs = [fmean(m[k]["elapsed"] for m in pairs.values()) for k in (1, 2)]
-        lines.append(f"| {setting} | {','.join(map(str, pairs))} | {one:.2f} dB | {two:.2f} dB | {mean:+.2f} dB"
+        psnr = [fmean(p[k]["unseen_psnr"] for p in pairs.values()) for k in (0, 1)]
+        secs = [fmean(p[k]["elapsed"] for p in pairs.values()) for k in (0, 1)]
+        label = setting if own else f"{setting} (1 level: {reference})"
+        lines.append(f"| {label} | {','.join(map(str, pairs))} | {psnr[0]:.2f} dB | {psnr[1]:.2f} dB | {mean:+.2f} dB"
                      f"{'' if error is None else f' (SE {error:.2f})'} | {', '.join(f'{g:+.2f}' for g in gaps)} | "
                      f"{secs[0]:.0f}, {secs[1]:.0f} |")
     return lines
@@ -57,9 +61,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder")
     p.add_argument("--json", default=None, help="also write every finished run's final metrics as JSON")
+    p.add_argument("--reference", default="clip1", help="whose 1-level runs a 2-level-only setting is compared with")
     a = p.parse_args()
     found = finished(Path(a.folder))
-    print("\n".join(table(found)))
+    print("\n".join(table(found, a.reference)))
     if a.json:
         Path(a.json).write_text(json.dumps({f"{k[0]}-seed{k[1]}-{k[2]}": v for k, v in found.items()}, indent=1))
 

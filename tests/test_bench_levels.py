@@ -76,3 +76,18 @@ def test_the_gpu_screen_tables_each_setting_over_the_seeds_whose_two_runs_finish
     assert len(rows) == 1 and header.startswith("| setting |")
     # gaps +0.1 and -0.1: mean 0, sample sd sqrt(0.02) = 0.1414, standard error 0.1414 / sqrt 2 = 0.10
     assert rows[0] == "| clip1 | 0,1 | 27.95 dB | 27.95 dB | +0.00 dB (SE 0.10) | +0.10, -0.10 | 11, 21 |"
+
+
+def test_the_gpu_screen_compares_a_two_level_only_setting_with_the_reference_one_level_runs():
+    import gpu_levels_screen
+
+    def m(psnr, s):
+        return {"unseen_psnr": psnr, "elapsed": s}
+    found = {("clip1", 0, 1): m(28.0, 10), ("clip1", 1, 1): m(27.9, 12), ("clip1", 1, 2): m(27.7, 20),
+             ("top512", 0, 2): m(28.3, 30), ("top512", 1, 2): m(28.1, 32), ("top512", 2, 2): m(28.5, 31)}
+    _, _, *rows = gpu_levels_screen.table(found, reference="clip1")
+    # clip1 pairs only seed 1 (-0.20, no error); top512 borrows clip1's 1-level runs of seeds 0 and 1 (+0.30,
+    # +0.20: mean +0.25, sd 0.0707, SE 0.05); its seed 2 has no 1-level run anywhere and is left out
+    assert rows == ["| clip1 | 1 | 27.90 dB | 27.70 dB | -0.20 dB | -0.20 | 12, 20 |",
+                    "| top512 (1 level: clip1) | 0,1 | 27.95 dB | 28.20 dB | +0.25 dB (SE 0.05) | +0.30, +0.20 | 11, 31 |"]
+    assert gpu_levels_screen.table(found, reference="none")[2:] == rows[:1]     # no such reference: no borrowed row

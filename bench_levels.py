@@ -62,16 +62,18 @@ def seed_folder(out: Path, seed: int) -> Path:
 
 
 def train_pair(size: int, steps: int, batch_size: int, out: Path, seed: int = 0, reuse: bool = False,
-               clip_grad_norm: float = 0.0) -> list[dict]:
+               clip_grad_norm: float = 0.0, warmup_steps: int | None = None) -> list[dict]:
     """Train the 1-level and the 2-level model at `size` px for `steps` steps (both with train.py's
-    --clip-grad-norm `clip_grad_norm`); one row of figures for each. With `reuse`, a run folder that already holds
+    --clip-grad-norm `clip_grad_norm` and --warmup-steps `warmup_steps`, by default train.py's but at most a fifth of
+    the steps); one row of figures for each. With `reuse`, a run folder that already holds
     the same finished run is read instead of trained again."""
     rows = []
     for levels in (1, 2):
         folder = out / f"{size}px-{levels}-level"
         c = Config(image_size=size, levels=levels, steps=steps, batch_size=batch_size, seed=seed, out=str(folder),
                    overwrite=True, progress=False, eval_every=steps, log_every=max(1, steps // 10),
-                   warmup_steps=min(Config.warmup_steps, steps // 5), clip_grad_norm=clip_grad_norm)
+                   warmup_steps=min(Config.warmup_steps, steps // 5) if warmup_steps is None else warmup_steps,
+                   clip_grad_norm=clip_grad_norm)
         start = time.perf_counter()
         done = finished_run(folder, c) if reuse else None
         if done:
@@ -239,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/bench_levels", help="folder for the run folders")
     p.add_argument("--clip-grad-norm", type=float, default=Config.clip_grad_norm,
                    help="train.py's --clip-grad-norm for every run (0: off)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="train.py's --warmup-steps for every run (default: train.py's, at most a fifth of the steps)")
     p.add_argument("--reuse", action="store_true", help="read run folders that already hold the same finished run")
     p.add_argument("--prior-batch-size", type=int, default=32, help="code maps per prior step")
     p.add_argument("--json", default=None, help="also write the rows as JSON")
@@ -252,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = [r for size, n in zip(sizes, steps) for seed in seeds
             for r in train_pair(size, n, args.batch_size, seed_folder(Path(args.out), seed), seed, args.reuse,
-                                args.clip_grad_norm)]
+                                args.clip_grad_norm, args.warmup_steps)]
     first = [r for r in rows if r["size"] == sizes[0] and r["seed"] == seeds[0]]
     if args.prior_steps:
         for r in first:
@@ -271,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r.pop("sample_images", None)
     clip = f", --clip-grad-norm {args.clip_grad_norm:g}" if args.clip_grad_norm else ""
+    clip += "" if args.warmup_steps is None else f", --warmup-steps {args.warmup_steps}"
     note = (f"Machine: {machine()}, bf16 autocast where the CPU has it. train.Config's defaults (batch "
             f"{args.batch_size}, seeds {', '.join(map(str, seeds))}{clip}), the built-in sample at each size; "
             f"PSNR/SSIM on the 4 unseen photos and the held-out strips.")

@@ -52,12 +52,14 @@ def test_each_seed_has_its_own_run_folders_and_reuse_reads_them_back(tmp_path, c
     assert "seeds 0, 1: the 2-level model's unseen-photo PSNR is" in capsys.readouterr().out
 
 
-def test_clip_grad_norm_reaches_every_run_and_a_different_one_is_trained_again(tmp_path):
+def test_clip_grad_norm_and_warmup_reach_every_run_and_a_different_one_is_trained_again(tmp_path):
     out = tmp_path / "bl"
-    args = ["--sizes", "16", "--steps", "2", "--out", str(out), "--clip-grad-norm", "0.5", "--reuse"]
+    args = ["--sizes", "16", "--steps", "2", "--out", str(out), "--warmup-steps", "1", "--clip-grad-norm", "0.5",
+            "--reuse"]
     assert bench_levels.main(args) == 0
     checkpoints = [out / f"16px-{n}-level" / "checkpoint.pt" for n in (1, 2)]
     assert [torch.load(p, weights_only=False)["config"]["clip_grad_norm"] for p in checkpoints] == [0.5, 0.5]
+    assert [torch.load(p, weights_only=False)["config"]["warmup_steps"] for p in checkpoints] == [1, 1]
     stamps = [p.stat().st_mtime_ns for p in checkpoints]
     assert bench_levels.main([*args[:-2], "0.25", "--reuse"]) == 0      # not the same run: trained again
     assert all(p.stat().st_mtime_ns != s for p, s in zip(checkpoints, stamps))

@@ -274,10 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     for r in rows:
         r.pop("sample_images", None)
-    clip = f", --clip-grad-norm {args.clip_grad_norm:g}" if args.clip_grad_norm else ""
-    clip += "" if args.warmup_steps is None else f", --warmup-steps {args.warmup_steps}"
+    flags = f", --clip-grad-norm {args.clip_grad_norm:g}" if args.clip_grad_norm else ""
+    flags += "" if args.warmup_steps is None else f", --warmup-steps {args.warmup_steps}"
     note = (f"Machine: {machine()}, bf16 autocast where the CPU has it. train.Config's defaults (batch "
-            f"{args.batch_size}, seeds {', '.join(map(str, seeds))}{clip}), the built-in sample at each size; "
+            f"{args.batch_size}, seeds {', '.join(map(str, seeds))}{flags}), the built-in sample at each size; "
             f"PSNR/SSIM on the 4 unseen photos and the held-out strips.")
     publish("bench_levels.py", "One level or two: `bench_levels.py`", argv, note + "\n\n" + text, args.write,
             args.json, {"rows": rows})

@@ -17,6 +17,8 @@ from bench_levels import mean_and_error
 from checkpoint import read_checkpoint
 from runs import CheckpointError
 
+REFERENCE = "clip1"   # the setting whose 1-level runs a 2-level-only setting is compared with
+
 
 def finished(folder: Path) -> dict:
     """{(setting, seed, levels): final metrics} of every finished run folder under `folder`."""
@@ -34,7 +36,7 @@ def finished(folder: Path) -> dict:
     return found
 
 
-def table(found: dict, reference: str = "clip1") -> list[str]:
+def table(found: dict, reference: str = REFERENCE) -> list[str]:
     runs = defaultdict(dict)                    # setting -> seed -> {levels: final metrics}
     for (setting, seed, levels), metrics in found.items():
         runs[setting].setdefault(seed, {})[levels] = metrics
@@ -61,7 +63,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder")
     p.add_argument("--json", default=None, help="also write every finished run's final metrics as JSON")
-    p.add_argument("--reference", default="clip1", help="whose 1-level runs a 2-level-only setting is compared with")
+    p.add_argument("--reference", default=REFERENCE, help="whose 1-level runs a 2-level-only setting is compared with")
     a = p.parse_args()
     found = finished(Path(a.folder))
     print("\n".join(table(found, a.reference)))

@@ -10,7 +10,7 @@
 # A plan has one line per setting, `name|levels|seeds|train.py flags` (levels "1 2" or "2": a 2-level-only setting is
 # compared with the 1-level runs of the setting `clip1`); without a plan file, the plan below. Runs start in the plan's
 # order; whatever has finished when the script is stopped (timeout) is still tabled by
-# `python3 gpu_levels_screen.py OUT_FOLDER`. On an H200, 16 jobs at a time, 24 such runs took 200 s.
+# `python3 gpu_levels_screen.py OUT_FOLDER`. On an H200 with AMP=off, 16 jobs at a time, 24 such runs took 200 s.
 set -u
 cd "$(dirname "$0")"
 out=${1:?usage: bash gpu_levels_screen.sh OUT_FOLDER [JOBS] [STEPS] [PLAN_FILE]}

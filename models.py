@@ -662,7 +662,7 @@ class VQVAE(nn.Module):
 
     quantizer: "ema" (appendix A.1, the default), "vq" (eq. 3) or "fsq" (finite scalar quantization).
     kmeans_init, restart_threshold, cosine, lookup_dim: codebook options of the vector quantizers (`_Quantizer`);
-    the defaults are train.Config's, the best variant of ablation.py (k-means initialisation, dead-code restarts,
+    the defaults are train.Config's, the best variant of benchmarks/ablation.py (k-means initialisation, dead-code restarts,
     cosine codes searched in a 4-d projection; the quantizer classes on their own default to the paper's random
     initialisation in D dimensions without restarts);
     rotation_trick: the gradient path of the "vq" quantizer; fsq_levels: FSQ's levels (default: the paper's

@@ -1,7 +1,9 @@
-"""Put the repository root on sys.path so the tests import models, train, image_data like a user does."""
+"""Put the repository root on sys.path so the tests import models, train, image_data like a user does, and
+benchmarks/ so they import the benchmark scripts as those scripts import each other."""
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for folder in (ROOT / "benchmarks", ROOT):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))

@@ -1,4 +1,4 @@
-"""The CUDA path: skipped where CUDA is absent (every CPU-only machine, CI included). `gpu_checks.sh` runs these on a
+"""The CUDA path: skipped where CUDA is absent (every CPU-only machine, CI included). `benchmarks/gpu_checks.sh` runs these on a
 GPU machine together with a short train/evaluate run, torchrun with NCCL and bench.py's GPU section.
 
 Written for the GPU machines' own torch (2.11 and later) as well as the pinned 2.14.1."""

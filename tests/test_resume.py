@@ -2,7 +2,7 @@
 is channels-last <-> NCHW), of the number of visible GPUs, or of --deterministic; a changed model still stops in
 one line.
 
-The layout check (resume_check.py) does not trust the optimizer: it records each parameter and its gradient just
+The layout check (benchmarks/resume_check.py) does not trust the optimizer: it records each parameter and its gradient just
 before the first step after the resume, and compares the step taken with Adam's formulas (Kingma and Ba,
 algorithm 1) applied by hand in float64 to the moments saved in the checkpoint."""
 from dataclasses import replace

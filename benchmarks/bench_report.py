@@ -10,9 +10,11 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root: run from anywhere
+
 from runs import atomic_write, cpu_has_native_bf16
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]   # the repository root
 
 
 def machine() -> str:
@@ -49,9 +51,9 @@ def write_section(key: str, title: str, command: str, text: str, path: Path = RO
 def publish(script: str, title: str, argv: list[str] | None, text: str, write: bool,
             json_path: str | None = None, results: dict | None = None) -> None:
     """A benchmark script's last step: the raw `results` into `json_path` (if given) and, with `write`, `text` into
-    its BENCHMARKS.md section under the command that produced it (`python {script} {argv}`)."""
+    its BENCHMARKS.md section under the command that produced it (`python benchmarks/{script} {argv}`)."""
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2))
     if write:
         args = sys.argv[1:] if argv is None else argv
-        write_section(script, title, " ".join(["python", script, *args]), text)
+        write_section(script, title, " ".join(["python", f"benchmarks/{script}", *args]), text)

@@ -1,8 +1,8 @@
 """Benchmark the prepared-data path (issue 11) on a Food101-layout copy made from the built-in sample photos.
 
-    python bench_data.py                    # 10,000 JPEGs of ~512 px, 64x64: prints a table and a summary line
-    python bench_data.py --write            # also writes the results into BENCHMARKS.md
-    python bench_data.py --images 300       # a smoke test
+    python benchmarks/bench_data.py                    # 10,000 JPEGs of ~512 px, 64x64: prints a table and a summary line
+    python benchmarks/bench_data.py --write            # also writes the results into BENCHMARKS.md
+    python benchmarks/bench_data.py --images 300       # a smoke test
 
 The copy (`make_food101_copy`) is N JPEGs (quality 90, long side 448-512 px, as Food101's own images are at most
 512 px) of random crops and flips of the 19 scikit-image sample photos, in torchvision's Food101 layout
@@ -45,6 +45,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root: run from anywhere
+
 from bench import SAME_MATH, Trainer, sync
 from bench_report import machine, publish
 from checkpoint import Config
@@ -52,7 +54,7 @@ from image_data import batches, build_data, default_workers, sample_photo_paths
 from models import VQVAE
 from runs import amp_dtype_for, pick_device, use_channels_last
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]   # the repository root
 COPY_FORMAT = 1
 FLOORS = {"preparing": 1.5, "second_run": 0.6}   # ours / torchvision at least; second / first at most
 

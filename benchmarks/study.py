@@ -1,8 +1,8 @@
 """Quality per second of training: which encoder, decoder, codebook and recipe reconstruct photos the model never
 saw best, when every variant gets the same wall-clock budget on this machine.
 
-    python study.py --plan                        # measure each variant's step time, fix its steps (study_plan.json)
-    python study.py --json rows.jsonl --write     # train every planned variant; table and plot into BENCHMARKS.md
+    python benchmarks/study.py --plan                        # measure each variant's step time, fix its steps (study_plan.json)
+    python benchmarks/study.py --json rows.jsonl --write     # train every planned variant; table and plot into BENCHMARKS.md
 
 Every variant trains through train.py's `train()` on the built-in sample (64x64, seed 0, every switch set, so the
 table does not change when train.Config's defaults do) for the number of steps that fits the budget at its own
@@ -27,11 +27,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root: run from anywhere
+
 from bench_report import ROOT, machine, publish
 from checkpoint import Config
 from train import train
 
-PLAN = ROOT / "study_plan.json"
+PLAN = ROOT / "benchmarks" / "study_plan.json"
 PLOT = ROOT / "model_visualisation" / "study.png"
 BUDGET_S = 120          # the quick start's training time on the 2-core development CPU, about 2 minutes
 MIN_USAGE = 0.90

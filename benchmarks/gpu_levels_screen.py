@@ -2,16 +2,19 @@
 whose two runs both finished (mean and standard error), with each level's mean PSNR. A setting with no 1-level runs
 (a change to the 2-level model alone) is compared with the reference setting's 1-level run of each seed.
 
-    python3 gpu_levels_screen.py OUT_FOLDER [--json FILE] [--reference clip1]
+    python3 benchmarks/gpu_levels_screen.py OUT_FOLDER [--json FILE] [--reference clip1]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 from statistics import fmean
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root: run from anywhere
 
 from bench_levels import mean_and_error
 from checkpoint import read_checkpoint

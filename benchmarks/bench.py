@@ -1,8 +1,8 @@
 """Benchmark this repo's VQ-VAE against the straightforward formulation the public PyTorch ports use.
 
-    python bench.py                 # prints a table and a final summary line
-    python bench.py --write         # also writes the results into BENCHMARKS.md (with this command and machine)
-    python bench.py --quick         # fewer repeats, for a smoke test
+    python benchmarks/bench.py                 # prints a table and a final summary line
+    python benchmarks/bench.py --write         # also writes the results into BENCHMARKS.md (with this command and machine)
+    python benchmarks/bench.py --quick         # fewer repeats, for a smoke test
 
 The reference ("ref") is the usual port: eager float32, NCHW, the full N x K distance matrix, a one-hot (N, K)
 matrix for the codebook lookup and for the EMA statistics (counts = one_hot.sum(0), sums = one_hot.T @ z). It uses
@@ -47,12 +47,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root: run from anywhere
+
 from bench_report import machine, publish
 from checkpoint import Config
 from models import VQVAE, Decoder, Encoder, VectorQuantizerEMA
 from runs import amp_dtype_for, make_optimizer, pick_device, use_channels_last
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]   # the repository root
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -246,7 +248,7 @@ def quantizer_peak_memory(kind: str, case: str, device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device) - before
     code = (f"import bench, torch; torch.set_num_threads({torch.get_num_threads()}); "
             f"print(bench._peak_rss_child({kind!r}, {case!r}))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks", capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"peak-memory subprocess failed: {out.stderr.strip()[-500:]}")
     return int(out.stdout.strip().splitlines()[-1])

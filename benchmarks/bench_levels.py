@@ -1,9 +1,9 @@
 """One level or two: the VQ-VAE against the 2-level VQ-VAE-2 (hierarchy.py) at 128 and 256 px, at an equal number of
 training steps on the built-in sample, and the 2-level prior against the unigram baselines of its two levels.
 
-    python bench_levels.py --write              # the table (and figure) into BENCHMARKS.md
-    python bench_levels.py --sizes 128 --steps 100 --prior-steps 50   # a quick look
-    python bench_levels.py --sizes 128 --steps 2842 --seeds 0,1,2,3 --reuse   # the 128 px floor over four seeds
+    python benchmarks/bench_levels.py --write              # the table (and figure) into BENCHMARKS.md
+    python benchmarks/bench_levels.py --sizes 128 --steps 100 --prior-steps 50   # a quick look
+    python benchmarks/bench_levels.py --sizes 128 --steps 2842 --seeds 0,1,2,3 --reuse   # the 128 px floor over four seeds
 
 With --prior-steps N (at the first size): each model's codes are extracted (`extract_codes`, --passes passes over
 the training split), a prior is trained on them for N steps (`train_prior`: one gated PixelCNN over the 1-level map;
@@ -37,6 +37,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root: run from anywhere
 
 from bench_report import ROOT, machine, publish
 from checkpoint import Config, config_from_dict, load_checkpoint, read_checkpoint, top_codebook_size

@@ -2,8 +2,8 @@
 (bf16 <-> off on the CPU is channels-last <-> NCHW, as a GPU run resumed on a float32 CPU), checked against Adam's
 formulas applied by hand to the moments saved in the checkpoint.
 
-    python resume_check.py                 # the default model on the sample, 20 steps before the resume
-    python resume_check.py --write         # also into BENCHMARKS.md
+    python benchmarks/resume_check.py                 # the default model on the sample, 20 steps before the resume
+    python benchmarks/resume_check.py --write         # also into BENCHMARKS.md
 
 For each move it prints the largest deviation of any weight's step from Adam's, in units of that step, with this
 repo's resume (`runs.restore_training`) and with torch's `optimizer.load_state_dict` alone, which keeps the saved
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root: run from anywhere
 
 from bench_report import machine, write_section
 from checkpoint import Config, learning_rate
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'PASS' if moved < 0.05 else 'FAIL'}")
     if args.write:
         write_section("resume_check.py", "Resume across memory layouts: `resume_check.py`",
-                      "python resume_check.py " + " ".join(argv or sys.argv[1:]), text)
+                      "python benchmarks/resume_check.py " + " ".join(argv or sys.argv[1:]), text)
     return 0
 
 

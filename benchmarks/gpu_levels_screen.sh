@@ -5,15 +5,15 @@
 # A screen for choosing what to measure on the CPU, where bench_levels.py measures issue 14's floor: GPU runs are not
 # bit-comparable with CPU runs (and in the default AMP=auto they train in bf16 autocast; AMP=off: float32, TF32 convs).
 #
-#     bash gpu_levels_screen.sh OUT_FOLDER [JOBS] [STEPS] [PLAN_FILE]     # DEVICE=cpu to try it without a GPU
+#     bash benchmarks/gpu_levels_screen.sh OUT_FOLDER [JOBS] [STEPS] [PLAN_FILE]     # DEVICE=cpu to try it without a GPU
 #
 # A plan has one line per setting, `name|levels|seeds|train.py flags` (levels "1 2" or "2": a 2-level-only setting is
 # compared with the 1-level runs of the setting `clip1`); without a plan file, the plan below. Runs start in the plan's
 # order; whatever has finished when the script is stopped (timeout) is still tabled by
-# `python3 gpu_levels_screen.py OUT_FOLDER`. On an H200 with AMP=off, 16 jobs at a time, 24 such runs took 200 s.
+# `python3 benchmarks/gpu_levels_screen.py OUT_FOLDER`. On an H200 with AMP=off, 16 jobs at a time, 24 such runs took 200 s.
 set -u
-cd "$(dirname "$0")"
-out=${1:?usage: bash gpu_levels_screen.sh OUT_FOLDER [JOBS] [STEPS] [PLAN_FILE]}
+cd "$(dirname "$0")/.."   # the repository root
+out=${1:?usage: bash benchmarks/gpu_levels_screen.sh OUT_FOLDER [JOBS] [STEPS] [PLAN_FILE]}
 jobs=${2:-16}
 steps=${3:-2842}
 plan="clip1|1 2|0 1 2 3|--clip-grad-norm 1
@@ -36,4 +36,4 @@ xargs -P "$jobs" -L 1 bash -c 'run=$0 levels=$1 seed=$2; shift 2
     python3 train.py --device "$DEVICE" --amp "$AMP" --image-size 128 --levels "$levels" --seed "$seed" \
         --steps '"$steps"' --eval-every '"$steps"' --log-every '"$((steps >= 10 ? steps / 10 : 1))"' --no-progress \
         --overwrite --out '"$out"'/"$run" "$@" > '"$out"'/"$run".log 2>&1; echo "$run: exit $?"'
-python3 gpu_levels_screen.py "$out"
+python3 benchmarks/gpu_levels_screen.py "$out"

@@ -2,12 +2,12 @@
 # Every GPU check in one command, for a GPU machine with its own torch (no pipenv): the CUDA tests, a short train.py +
 # evaluate.py run on CUDA, torchrun with NCCL on one GPU, bench.py's GPU section and bench_data.py on CUDA.
 #
-#     bash gpu_checks.sh [OUT_FOLDER]          # default: $OUT if set (the device tool's folder), else gpu_out/
+#     bash benchmarks/gpu_checks.sh [OUT_FOLDER]          # default: $OUT if set (the device tool's folder), else gpu_out/
 #
 # Each step runs under its own timeout (420 s at most in all, 7 minutes) and writes its log into the folder; the last
 # lines of summary.txt say which steps passed. A failing step does not stop the others.
 set -u
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."   # the repository root
 out="${1:-${OUT:-gpu_out}}"
 mkdir -p "$out"
 summary="$out/summary.txt"
@@ -35,10 +35,10 @@ step train_levels2_cuda 30 python3 train.py --device cuda --levels 2 --image-siz
 # (a CUDA checkpoint in a CPU-only process and torchrun with NCCL on one GPU are among the CUDA tests)
 # without --compile: compiling the three sizes in two modes took the whole 130 s on an H200 (2026-12-04); each
 # finished section is printed as one JSON line as it ends
-step bench_gpu 80 python3 bench.py --device cuda --repeats 3 --steps-per-repeat 5 --e2e-steps 100 \
+step bench_gpu 80 python3 benchmarks/bench.py --device cuda --repeats 3 --steps-per-repeat 5 --e2e-steps 100 \
     --json "$out/bench.json"
-if [ -f bench_data.py ]; then
-    step bench_data_gpu 60 python3 bench_data.py --device cuda --images 1000 --image-size 128 --repeats 1 \
+if [ -f benchmarks/bench_data.py ]; then
+    step bench_data_gpu 60 python3 benchmarks/bench_data.py --device cuda --images 1000 --image-size 128 --repeats 1 \
         --steps 100 --copy-dir "$out/food101-copy" --json "$out/bench_data.json"
 fi
 echo "total: $SECONDS s" | tee -a "$summary"

@@ -1,7 +1,7 @@
 """Codebook-health ablation: train each quantizer variant at an equal budget and compare codebook use.
 
-    python ablation.py --write          # all variants, 1500 steps each, table into BENCHMARKS.md
-    python ablation.py --steps 100      # a quick look
+    python benchmarks/ablation.py --write          # all variants, 1500 steps each, table into BENCHMARKS.md
+    python benchmarks/ablation.py --steps 100      # a quick look
 
 Every variant trains through train.py's `train()` on the built-in sample (64x64, batch 32, K=512 unless the
 variant fixes K, seed 0) and is validated over the whole validation split: PSNR, codebook usage (fraction of the
@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root: run from anywhere
 
 from bench_report import machine, publish
 from checkpoint import Config

@@ -7,7 +7,8 @@ evaluate_prior.py, the notebook) without the training loop (train.py):
 - `build_model(config)`: the VQVAE (or, with levels 2, the hierarchy.VQVAE2) its model fields describe;
 - `save_checkpoint` / `read_checkpoint` / `load_checkpoint`: model, optimizer, step, RNG state, data variance and
   config in one file, written atomically and loaded with torch.load(..., weights_only=True), so a file that carries
-  code is refused unread; `load_checkpoint(path)` rebuilds the model from the file alone.
+  code is refused unread; `load_checkpoint(path)` rebuilds the model from the file alone;
+- `load_model(path)`: that model alone, ready for `encode_images` / `decode_images` in your own code.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import torch
 
 from hierarchy import VQVAE2
 from models import VQVAE
-from runs import (CheckpointError, ConfigError, atomic_save, load_plain, require_at_least, require_positive,
-                  training_state)
+from runs import (FILE_KINDS, CheckpointError, ConfigError, atomic_save, load_plain, pick_device, require_at_least,
+                  require_positive, training_state)
 
 CHECKPOINT_FORMAT = "vqvae-checkpoint-v1"
 # torch.compile's modes; reduce-overhead captures the step in CUDA graphs, for small batches whose kernels take less
@@ -208,7 +209,9 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist: pass the checkpoint.pt of a run folder")
     ckpt = load_plain(path, "checkpoint ")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a checkpoint written by this repo's train.py")
+        kind = FILE_KINDS.get(ckpt.get("format")) if isinstance(ckpt, dict) else None
+        raise CheckpointError(f"{path} is {kind + ', ' if kind else ''}not a checkpoint written by this repo's "
+                              f"train.py")
     return ckpt
 
 
@@ -234,6 +237,17 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
                               f"({str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err})"
                               ) from None
     return model.to(device).eval(), config, ckpt
+
+
+def load_model(path: str | Path, device: torch.device | str = "auto") -> VQVAE | VQVAE2:
+    """A trained VQ-VAE (1 or 2 levels) from its checkpoint alone, in eval mode on `device` ("auto": CUDA, then
+    Apple MPS, then the CPU; or "cpu", "cuda", "cuda:1", ...). `model.encode_images(x)` takes images in [0, 1] to
+    code maps and `model.decode_images(codes)` takes them back; `model.config` is the run's `Config`. Any problem
+    with the file is a one-line CheckpointError (a ValueError) naming it."""
+    target = pick_device(device) if isinstance(device, str) else device
+    model, config, _ = load_checkpoint(path, target)
+    model.config = config
+    return model
 
 
 def check_resume_matches(saved: Config, current: Config, path: Path) -> None:

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models import Decoder, Encoder, ResidualStack, SelfAttention, VQOutput, VQVAEOutput, make_quantizer
+from models import (Decoder, Encoder, ImageCodec, ResidualStack, SelfAttention, VQOutput, VQVAEOutput,
+                    make_quantizer)
 
 
 class TopEncoder(nn.Module):
@@ -61,7 +62,7 @@ class TopDecoder(nn.Module):
         return self.up(self.residual(h))            # (B, D, h, w)
 
 
-class VQVAE2(nn.Module):
+class VQVAE2(ImageCodec, nn.Module):
     """The 2-level VQ-VAE: `encode(x) -> (top, bottom)` code maps of (B, H/8, W/8) and (B, H/4, W/4), and
     `decode((top, bottom)) -> x`. The bottom codebook has num_embeddings codes, the top one top_num_embeddings (0:
     as many), all of embedding_dim dimensions and with the same quantizer options (see
@@ -80,6 +81,7 @@ class VQVAE2(nn.Module):
     """
 
     levels = 2
+    downsampling = 8   # the top map's factor: an image's sides must be multiples of it
 
     def __init__(self, hidden_channels: int = 128, residual_channels: int = 32, num_residual_blocks: int = 2,
                  embedding_dim: int = 64, num_embeddings: int = 2048, beta: float = 0.25, quantizer: str = "ema",

@@ -3,7 +3,7 @@ training steps on the built-in sample, and the 2-level prior against the unigram
 
     python benchmarks/bench_levels.py --write              # the table (and figure) into BENCHMARKS.md
     python benchmarks/bench_levels.py --sizes 128 --steps 100 --prior-steps 50   # a quick look
-    python benchmarks/bench_levels.py --sizes 128 --steps 2842 --seeds 0,1,2,3 --reuse   # the 128 px floor over four seeds
+    python benchmarks/bench_levels.py --sizes 128 --steps 2842 --seeds 0,1,2,3 --reuse   # 128 px over four seeds
 
 With --prior-steps N (at the first size): each model's codes are extracted (`extract_codes`, --passes passes over
 the training split), a prior is trained on them for N steps (`train_prior`: one gated PixelCNN over the 1-level map;
@@ -268,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         text += "\n\n" + prior_table(rows)
         two = next(r for r in first if r["levels"] == 2)
         text += (f"\n\n- The 2-level prior's NLL is {two['reduction_vs_unigram']:.1%} below the sum of its two "
-                 f"levels' unigram baselines (floor 25%); 16 samples at {sizes[0]}x{sizes[0]} are drawn and decoded in "
-                 f"{two['sample16_s']:.1f} s (floor 30 s).")
+                 f"levels' unigram baselines; 16 samples at {sizes[0]}x{sizes[0]} are drawn and decoded in "
+                 f"{two['sample16_s']:.1f} s.")
     if args.write:
         figure(first, FIGURE)
         text += f"\n\n![one level or two](model_visualisation/{FIGURE.name})"

@@ -127,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(rows, args.steps)
     print(text)
     moved = max(r["ours"] for r in rows if r["before"] != r["after"])
-    print(f"summary: after a layout change the worst step is {moved:.2%} off Adam's (floor: 5%) -> "
-          f"{'PASS' if moved < 0.05 else 'FAIL'}")
+    print(f"summary: after a layout change the worst step is {moved:.2%} off Adam's")
     if args.write:
         write_section("resume_check.py", "Resume across memory layouts: `resume_check.py`",
                       "python benchmarks/resume_check.py " + " ".join(argv or sys.argv[1:]), text)

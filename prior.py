@@ -37,6 +37,8 @@ Two options serve the hierarchical prior of VQ-VAE-2 (Razavi, van den Oord, Viny
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -254,15 +256,8 @@ class GatedPixelCNN(nn.Module):
         conditioning map of a prior built with cond_channels. generator: a torch.Generator on the
         model's device, for reproducible samples. The model is put in eval mode (no dropout) and back.
 
-        The codes are those of running the whole network once per position (up to float rounding; a test compares
-        the two in float64), computed faster with the caching of Ramachandran et al. 2017 (arXiv 1704.06001): a
-        layer's output at (i, j) needs its input at rows i-k//2..i (vertical stack) or at columns j-k//2..j of row
-        i (horizontal stack) only, and those never change once computed. So each layer keeps its inputs in a
-        buffer and computes one new row of the vertical stack per row, and one new position of the horizontal
-        stack per position. The conditioning terms of every layer (class and map) are computed once, for the whole
-        map. The attention block keeps the keys and values of every position drawn so far (a cache of h*w
-        entries), so each position costs one query against them: no full recompute. On the CPU the loop runs on one
-        thread:
+        The maps are filled by `in_raster_order`, which caches what each position can reuse (no full recompute
+        per position). On the CPU the loop runs on one thread:
         its thousands of small operations gain nothing from intra-op threads, and lose a lot to their
         synchronisation when other processes share the cores.
         """
@@ -281,6 +276,28 @@ class GatedPixelCNN(nn.Module):
 
     def _sample(self, num: int, shape: tuple[int, int], temperature: float, labels: Tensor | None,
                 generator: torch.Generator | None, cond: Tensor | None) -> Tensor:
+        def draw(i: int, j: int, logits: Tensor) -> Tensor:
+            probs = F.softmax(logits / temperature, dim=1)
+            return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+        return self.in_raster_order(num, shape, draw, labels, cond)
+
+    @torch.no_grad()
+    def in_raster_order(self, num: int, shape: tuple[int, int], choose: Callable[[int, int, Tensor], Tensor],
+                        labels: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
+        """Fill `num` code maps of `shape` position by position in raster order: at each (i, j) the model's logits
+        of p(z_ij | z_<ij, y, s), (num, K) float32, go to `choose(i, j, logits)`, which returns the (num,) codes
+        put there. The sampler draws them; the codec (codec.py) returns the codes it codes, or those its decoder
+        reads, so both sides see the same logits computed the same way. Returns the (num, h, w) maps.
+
+        The logits are those of running the whole network once per position (up to float rounding; a test compares
+        the two in float64), computed faster with the caching of Ramachandran et al. 2017 (arXiv 1704.06001): a
+        layer's output at (i, j) needs its input at rows i-k//2..i (vertical stack) or at columns j-k//2..j of row
+        i (horizontal stack) only, and those never change once computed. So each layer keeps its inputs in a
+        buffer and computes one new row of the vertical stack per row, and one new position of the horizontal
+        stack per position. The conditioning terms of every layer (class and map) are computed once, for the whole
+        map. The attention block keeps the keys and values of every position filled so far (a cache of h*w
+        entries), so each position costs one query against them: no full recompute. Call it in eval mode."""
         weight = self.embedding.weight
         height, width = shape
         p, channels = self.kernel_size // 2, weight.shape[1]
@@ -292,7 +309,7 @@ class GatedPixelCNN(nn.Module):
         # bias[l]: layer l's conditioning terms over the whole map (B, 4C, H, W), or None
         bias = [b if b is None else b.expand(num, -1, height, width) for b in
                 (layer.bias(labels, cond) for layer in self.layers)]
-        if self.attention is not None:   # the attention block's keys and values of every position drawn so far
+        if self.attention is not None:   # the attention block's keys and values of every position filled so far
             hs = channels // self.attention.heads
             keys, values = (weight.new_zeros(num, self.attention.heads, height * width, hs) for _ in range(2))
         # v_in[l]: the input of layer l's vertical stack, filled row by row; v_in[0] is the down-shifted embedding
@@ -324,6 +341,5 @@ class GatedPixelCNN(nn.Module):
                         h_in[l + 1][:, :, p + j] = h
                 hidden = linear_1x1(self.head_hidden, F.elu(skips))
                 logits = linear_1x1(self.head_out, F.elu(hidden)).float()              # (B, K)
-                probs = F.softmax(logits / temperature, dim=1)
-                codes[:, i, j] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                codes[:, i, j] = choose(i, j, logits)
         return codes

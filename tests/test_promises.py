@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from checkpoint import TOP_FIELDS, Config, model_args
+from codebook import kmeans
 from hierarchy import VQVAE2
-from models import FSQ, VQVAE, VQOutput, VectorQuantizer, VectorQuantizerEMA, flatten_latents, kmeans
+from models import FSQ, VQVAE, VQOutput, VectorQuantizer, VectorQuantizerEMA, flatten_latents
 
 ROOT = Path(__file__).resolve().parents[1]
 

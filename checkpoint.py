@@ -13,6 +13,7 @@ evaluate_prior.py, the notebook) without the training loop (train.py):
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from hierarchy import VQVAE2
-from models import VQVAE
+from models import QuantizerOptions, VQVAE
 from runs import (FILE_KINDS, CheckpointError, ConfigError, atomic_save, load_plain, pick_device, require_at_least,
                   require_positive, training_state)
 
@@ -89,10 +90,14 @@ class Config:
     tensorboard: bool = False       # also write TensorBoard event files into --out (tensorboard --logdir runs)
 
 
-MODEL_FIELDS = ("levels", "top_residual_blocks", "top_num_embeddings", "hidden_channels", "residual_channels",
-                "num_residual_blocks", "block", "attention", "downsample", "embedding_dim", "num_embeddings", "beta",
-                "quantizer", "decay", "kmeans_init", "restart_threshold", "cosine", "lookup_dim", "rotation_trick",
-                "fsq_levels")
+# What builds the model, derived from the models: "levels" (VQVAE or hierarchy.VQVAE2), the keyword arguments of
+# their constructors (but in_channels, RGB here, and options) and the quantizer's options (but eps: no flag, always
+# its default).
+CONSTRUCTOR_FIELDS = tuple(dict.fromkeys(name for model in (VQVAE, VQVAE2)
+                                         for name, p in inspect.signature(model).parameters.items()
+                                         if p.kind is p.KEYWORD_ONLY and name not in ("in_channels", "options")))
+QUANTIZER_FIELDS = tuple(f.name for f in dataclasses.fields(QuantizerOptions) if f.name != "eps")
+MODEL_FIELDS = ("levels", *CONSTRUCTOR_FIELDS, *QUANTIZER_FIELDS)
 TOP_FIELDS = ("top_residual_blocks", "top_num_embeddings")   # the 2-level model's alone
 
 
@@ -176,13 +181,20 @@ def unused_fields(levels: int) -> tuple[str, ...]:
     return ("downsample",) if levels == 2 else TOP_FIELDS
 
 
+def quantizer_options(c: Config) -> QuantizerOptions:
+    """The quantizer's options a config gives (each level's, but the top codebook's K): its QUANTIZER_FIELDS, with
+    --fsq-levels "8,5,5,5" read as (8, 5, 5, 5) and "" as None."""
+    options = {name: getattr(c, name) for name in QUANTIZER_FIELDS}
+    options["fsq_levels"] = tuple(int(v) for v in c.fsq_levels.split(",")) if c.fsq_levels else None
+    return QuantizerOptions(**options)
+
+
 def model_args(c: Config) -> dict:
-    """The model's constructor arguments and "levels": MODEL_FIELDS less the `unused_fields` of its levels."""
-    args = {name: getattr(c, name) for name in MODEL_FIELDS}
-    for name in unused_fields(c.levels):
-        del args[name]
-    args["fsq_levels"] = tuple(int(v) for v in c.fsq_levels.split(",")) if c.fsq_levels else None
-    return args
+    """The model's constructor arguments and "levels": the CONSTRUCTOR_FIELDS less the `unused_fields` of its levels,
+    and `options`, the config's `quantizer_options`."""
+    unused = unused_fields(c.levels)
+    args = {name: getattr(c, name) for name in ("levels", *CONSTRUCTOR_FIELDS) if name not in unused}
+    return {**args, "options": quantizer_options(c)}
 
 
 def build_model(c: Config) -> VQVAE | VQVAE2:

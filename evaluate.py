@@ -30,8 +30,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from checkpoint import load_checkpoint
+from codebook import perplexity_from_counts
 from image_data import CachedImages, DecodedImages, build_data, eval_loader, find_images, square_image
-from models import VQVAE, perplexity_from_counts
+from models import VQVAE
 from runs import (DataError, amp_dtype_for, autocast, pick_device, require_at_least, run_cli, script_parser,
                   use_channels_last)
 

@@ -13,14 +13,16 @@ the loss is the reconstruction term plus each level's quantizer terms (eq. 3 of 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import replace
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models import (Decoder, Encoder, ImageCodec, ResidualStack, SelfAttention, VQOutput, VQVAEOutput,
+from models import (Decoder, Encoder, QuantizerOptions, ResidualStack, SelfAttention, VQOutput, VQVAEOutput,
                     make_quantizer)
+from pixels import ImageCodec
 
 
 class TopEncoder(nn.Module):
@@ -65,10 +67,11 @@ class TopDecoder(nn.Module):
 class VQVAE2(ImageCodec, nn.Module):
     """The 2-level VQ-VAE: `encode(x) -> (top, bottom)` code maps of (B, H/8, W/8) and (B, H/4, W/4), and
     `decode((top, bottom)) -> x`. The bottom codebook has num_embeddings codes, the top one top_num_embeddings (0:
-    as many), all of embedding_dim dimensions and with the same quantizer options (see
-    models.VQVAE; explicit fsq_levels serve both levels, so top_num_embeddings only picks FSQ levels without them);
-    block applies to every residual stack, attention adds one self-attention block in the top encoder and the top
-    decoder (the lowest resolution).
+    as many), all of embedding_dim dimensions and with the same `options` (models.QuantizerOptions, whose fields may
+    be given by name as for models.VQVAE; every argument is by name; explicit fsq_levels serve both levels, so
+    top_num_embeddings only picks FSQ levels without them); `model.options` are the bottom level's. block applies
+    to every residual stack, attention adds one self-attention block in the top encoder and the top decoder (the
+    lowest resolution).
 
     num_residual_blocks sets the bottom encoder's and the decoder's stacks, top_residual_blocks the top encoder's
     and the top decoder's. The paper gives the top the same stacks as the bottom; trained on the built-in sample's
@@ -83,13 +86,12 @@ class VQVAE2(ImageCodec, nn.Module):
     levels = 2
     downsampling = 8   # the top map's factor: an image's sides must be multiples of it
 
-    def __init__(self, hidden_channels: int = 128, residual_channels: int = 32, num_residual_blocks: int = 2,
-                 embedding_dim: int = 64, num_embeddings: int = 2048, beta: float = 0.25, quantizer: str = "ema",
-                 decay: float = 0.99, eps: float = 1e-5, kmeans_init: bool = True, restart_threshold: float = 1.0,
-                 cosine: bool = True, lookup_dim: int = 4, rotation_trick: bool = False,
-                 fsq_levels: Sequence[int] | None = None, in_channels: int = 3, block: str = "paper",
-                 attention: bool = False, top_residual_blocks: int = 0, top_num_embeddings: int = 0):
+    def __init__(self, *, hidden_channels: int = 128, residual_channels: int = 32, num_residual_blocks: int = 2,
+                 in_channels: int = 3, block: str = "paper", attention: bool = False, top_residual_blocks: int = 0,
+                 top_num_embeddings: int = 0, options: QuantizerOptions = QuantizerOptions(), **changes: Any):
         super().__init__()
+        self.options = options = replace(options, **changes)
+        embedding_dim = options.embedding_dim
         stack = (hidden_channels, residual_channels, num_residual_blocks)
         top_stack = (hidden_channels, residual_channels, top_residual_blocks)
         # the bottom encoder is the 1-level encoder ending in hidden channels instead of D
@@ -99,9 +101,9 @@ class VQVAE2(ImageCodec, nn.Module):
         self.join = nn.Conv2d(hidden_channels + embedding_dim, embedding_dim, kernel_size=1)
         self.upsample_top = nn.ConvTranspose2d(embedding_dim, embedding_dim, kernel_size=4, stride=2, padding=1)
         self.decoder = Decoder(*stack, embedding_dim=2 * embedding_dim, out_channels=in_channels, block=block)
-        options = (embedding_dim, beta, decay, eps, kmeans_init, restart_threshold, cosine, lookup_dim, rotation_trick)
-        self.top_quantizer = make_quantizer(quantizer, top_num_embeddings or num_embeddings, *options, fsq_levels)
-        self.bottom_quantizer = make_quantizer(quantizer, num_embeddings, *options, fsq_levels)
+        top_options = replace(options, num_embeddings=top_num_embeddings or options.num_embeddings)
+        self.top_quantizer = make_quantizer(top_options)
+        self.bottom_quantizer = make_quantizer(options)
 
     @property
     def quantizers(self) -> tuple[nn.Module, nn.Module]:

@@ -10,20 +10,26 @@ arXiv 1711.00937).
   estimator for the encoder's gradient.
 - `VectorQuantizerEMA`: the same bottleneck with the codebook learned by exponential moving averages of the
   assigned encoder outputs (appendix A.1) with Laplace smoothing of the counts, as in the authors' Sonnet code.
+- `FSQ`: finite scalar quantization (Mentzer et al. 2023), a drop-in for the vector quantizers.
+- `QuantizerOptions`: every setting of a quantizer, by name only; `make_quantizer(options)` builds it.
 - `VQVAE`: encoder, quantizer and decoder together, with `encode(x) -> indices` and `decode(indices) -> x`.
 
-Distances and the argmin are computed in float32 even under autocast; the nearest-code search runs in chunks so
-its memory is bounded whatever the number of vectors times codes.
+Distances and the argmin are computed in float32 even under autocast, by codebook.py's nearest-code search.
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from codebook import code_counts, distributed, gather_rows, kmeans, l2norm, nearest_code, perplexity_from_counts, \
+    same_everywhere, variance_scaling_uniform
+from pixels import ImageCodec
 
 # ---------------------------------------------------------------------------------------------------------------
 # Encoder and decoder (section 4.1)
@@ -202,41 +208,6 @@ class VQOutput(NamedTuple):
     commitment_loss: Tensor
 
 
-def nearest_code(flat: Tensor, codebook: Tensor, max_chunk_elements: int = 1 << 24) -> Tensor:
-    """Index of the nearest code (squared Euclidean distance) for each row: (N, D), (K, D) -> (N,) int64.
-
-    ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, and ||z||^2 is the same for every code, so the argmin is taken
-    over ||e||^2 - 2 z.e, computed in float32 by one matrix product per chunk of rows. A chunk holds at most
-    `max_chunk_elements` distances (64 MiB), so memory stays bounded however large N x K is.
-    """
-    flat, codebook = flat.float(), codebook.float()
-    num_codes = codebook.shape[0]
-    chunk = max(1, max_chunk_elements // num_codes)
-    code_sq = codebook.pow(2).sum(1)                                   # (K,)
-    indices = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
-    for start in range(0, flat.shape[0], chunk):
-        rows = flat[start:start + chunk]                               # (n, D)
-        scores = torch.addmm(code_sq, rows, codebook.t(), alpha=-2.0)  # (n, K): ||e||^2 - 2 z.e
-        indices[start:start + chunk] = scores.argmin(1)
-    return indices
-
-
-def code_counts(indices: Tensor, num_codes: int) -> Tensor:
-    """How often each of the K codes occurs in `indices`: (N,) int64 -> (K,) float32.
-
-    torch.bincount's output size depends on the largest index, so it waits for the device and breaks a compiled
-    graph; adding ones into a fixed (K,) vector does neither (exact up to 2^24 vectors, deterministic on CUDA
-    under torch.use_deterministic_algorithms)."""
-    counts = torch.zeros(num_codes, dtype=torch.float32, device=indices.device)
-    return counts.index_add_(0, indices.reshape(-1), torch.ones(indices.numel(), device=indices.device))
-
-
-def perplexity_from_counts(counts: Tensor) -> Tensor:
-    """exp(-sum_k p_k log p_k) of the distribution p = counts / sum(counts); 0 log 0 is taken as 0."""
-    p = counts.float() / counts.sum().clamp_min(1)
-    return torch.exp(-torch.special.xlogy(p, p).sum())
-
-
 def flatten_latents(z: Tensor) -> Tensor:
     """(B, D, H, W) -> (B*H*W, D), one row per latent vector."""
     return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
@@ -246,54 +217,6 @@ def unflatten_latents(flat: Tensor, shape: tuple[int, ...]) -> Tensor:
     """(B*H*W, D) -> (B, D, H, W), the inverse of `flatten_latents` (the result is channels-last in memory)."""
     b, d, h, w = shape
     return flat.view(b, h, w, d).permute(0, 3, 1, 2)
-
-
-def l2norm(x: Tensor) -> Tensor:
-    return F.normalize(x, dim=-1, eps=1e-6)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _gather_rows(x: Tensor) -> Tensor:
-    """(n, d) on each process -> (sum of n, d) on every process (rows of all processes, rank order)."""
-    if not _distributed():
-        return x
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros(longest, x.shape[1], dtype=x.dtype, device=x.device)
-    padded[:x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
-
-
-def _same_everywhere(x: Tensor) -> Tensor:
-    """Rank 0's value of x on every process (a no-op without torch.distributed)."""
-    if _distributed():
-        dist.broadcast(x, src=0)
-    return x
-
-
-@torch.no_grad()
-def kmeans(x: Tensor, k: int, iterations: int = 10, cosine: bool = False) -> tuple[Tensor, Tensor]:
-    """Lloyd's k-means on the rows of x (N, d): (centres (k, d), cluster sizes (k,)).
-
-    Centres start at k distinct random rows (with repeats if N < k); an empty cluster keeps its centre. With
-    `cosine` the centres are renormalised after each update (spherical k-means)."""
-    start = torch.randperm(x.shape[0], device=x.device)[:k] if x.shape[0] >= k else \
-        torch.randint(x.shape[0], (k,), device=x.device)
-    centres = x[start].clone()
-    for _ in range(iterations):
-        assign = nearest_code(x, centres)
-        counts = torch.bincount(assign, minlength=k).to(x.dtype)
-        sums = torch.zeros_like(centres).index_add_(0, assign, x)
-        centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
-        if cosine:
-            centres = l2norm(centres)
-    return centres, torch.bincount(nearest_code(x, centres), minlength=k).to(x.dtype)
 
 
 class _Quantizer(nn.Module):
@@ -391,8 +314,8 @@ class _Quantizer(nn.Module):
     @torch.no_grad()
     def _initialize(self, flat: Tensor) -> None:
         """k-means on the first training batch's vectors (of all processes); rank 0's result everywhere."""
-        centres, counts = kmeans(_gather_rows(flat), self.num_embeddings, cosine=self.cosine)
-        centres, counts = _same_everywhere(centres.contiguous()), _same_everywhere(counts.contiguous())
+        centres, counts = kmeans(gather_rows(flat), self.num_embeddings, cosine=self.cosine)
+        centres, counts = same_everywhere(centres.contiguous()), same_everywhere(counts.contiguous())
         self._set_codes(torch.ones_like(counts, dtype=torch.bool), centres, counts.clamp_min(1.0))
         self.initialized.fill_(True)
         self._pending_init = False
@@ -405,19 +328,13 @@ class _Quantizer(nn.Module):
         if not self.restart_threshold:
             return
         dead = usage < self.restart_threshold                                     # (K,), the same everywhere
-        pool = _gather_rows(flat)            # (N of all processes, code_dim): the same rows as one big batch
-        pick = _same_everywhere(torch.randint(pool.shape[0], (self.num_embeddings,), device=flat.device))
+        pool = gather_rows(flat)             # (N of all processes, code_dim): the same rows as one big batch
+        pick = same_everywhere(torch.randint(pool.shape[0], (self.num_embeddings,), device=flat.device))
         self._set_codes(dead, pool[pick], torch.full_like(usage, self.restart_threshold))
         self.restarts += dead.sum()
 
     def _set_codes(self, where: Tensor, codes: Tensor, counts: Tensor) -> None:
         raise NotImplementedError
-
-
-def _variance_scaling_uniform(num_embeddings: int, embedding_dim: int) -> Tensor:
-    """Uniform(-sqrt(3/D), sqrt(3/D)): unit variance per component, the Sonnet VQ-VAE's codebook initialiser."""
-    limit = math.sqrt(3.0 / embedding_dim)
-    return torch.empty(num_embeddings, embedding_dim).uniform_(-limit, limit)
 
 
 class VectorQuantizer(_Quantizer):
@@ -441,7 +358,7 @@ class VectorQuantizer(_Quantizer):
         code_dim = self._setup(num_embeddings, embedding_dim, beta, cosine, lookup_dim, kmeans_init,
                                restart_threshold)
         self.rotation_trick, self.usage_decay = rotation_trick, usage_decay
-        self.embedding = nn.Parameter(_variance_scaling_uniform(num_embeddings, code_dim))   # (K, code_dim)
+        self.embedding = nn.Parameter(variance_scaling_uniform(num_embeddings, code_dim))   # (K, code_dim)
         # recent use of each code (an EMA of its per-batch count), for dead-code restarts
         self.register_buffer("usage", torch.full((num_embeddings,), max(restart_threshold, 1.0)))
 
@@ -455,7 +372,7 @@ class VectorQuantizer(_Quantizer):
             if self.training:
                 with torch.no_grad():
                     counts = code_counts(indices, self.num_embeddings)
-                    if _distributed():
+                    if distributed():
                         dist.all_reduce(counts)
                     self.usage.mul_(self.usage_decay).add_(counts, alpha=1.0 - self.usage_decay)
                     self._restart_dead_codes(flat.detach(), self.usage)
@@ -511,7 +428,7 @@ class VectorQuantizerEMA(_Quantizer):
         code_dim = self._setup(num_embeddings, embedding_dim, beta, cosine, lookup_dim, kmeans_init,
                                restart_threshold)
         self.decay, self.eps = decay, eps
-        embedding = _variance_scaling_uniform(num_embeddings, code_dim)
+        embedding = variance_scaling_uniform(num_embeddings, code_dim)
         self.register_buffer("embedding", embedding)                       # (K, code_dim) e_i
         self.register_buffer("cluster_size", torch.ones(num_embeddings))   # (K,)   N_i
         self.register_buffer("embed_sum", embedding.clone())               # (K, code_dim) m_i
@@ -532,7 +449,7 @@ class VectorQuantizerEMA(_Quantizer):
     def _ema_update(self, flat: Tensor, indices: Tensor) -> None:
         counts = code_counts(indices, self.num_embeddings).to(flat.dtype)                # (K,)   n_i
         sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, flat)             # (K, D) sum_j z_{i,j}
-        if _distributed():
+        if distributed():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
@@ -632,19 +549,48 @@ class FSQ(nn.Module):
 # The whole model
 
 
-def make_quantizer(quantizer: str = "ema", num_embeddings: int = 512, embedding_dim: int = 64, beta: float = 0.25,
-                   decay: float = 0.99, eps: float = 1e-5, kmeans_init: bool = True, restart_threshold: float = 1.0,
-                   cosine: bool = True, lookup_dim: int = 4, rotation_trick: bool = False,
-                   fsq_levels: Sequence[int] | None = None) -> nn.Module:
-    """The quantizer `VQVAE` (and each level of hierarchy.VQVAE2) uses: "ema", "vq" or "fsq"."""
-    options = dict(cosine=cosine, lookup_dim=lookup_dim, kmeans_init=kmeans_init, restart_threshold=restart_threshold)
-    if quantizer == "ema":
-        return VectorQuantizerEMA(num_embeddings, embedding_dim, beta, decay, eps, **options)
-    if quantizer == "vq":
-        return VectorQuantizer(num_embeddings, embedding_dim, beta, rotation_trick, **options)
-    if quantizer == "fsq":
-        return FSQ(num_embeddings, embedding_dim, fsq_levels)
-    raise ValueError(f"quantizer must be 'ema', 'vq' or 'fsq', got {quantizer!r}")
+@dataclass(frozen=True, kw_only=True)
+class QuantizerOptions:
+    """What builds a quantizer (`make_quantizer`): one level's options, given by name only. The defaults are
+    train.Config's: the paper's where the comment cites it, otherwise the best variant of benchmarks/ablation.py
+    (the quantizer classes on their own default to the paper's random codebook in D dimensions, never restarted).
+    Example: make_quantizer(QuantizerOptions(quantizer="vq", num_embeddings=512)).num_embeddings == 512.
+    """
+
+    quantizer: str = "ema"            # ema (a moving-average codebook, appendix A.1), vq (eq. 3's loss) or fsq
+    num_embeddings: int = 2048        # K, the number of codes (the paper: 512); for fsq the target size of its grid
+    embedding_dim: int = 64           # D, the dimension of each code and of each encoder output z_e(x)
+    beta: float = 0.25                # the commitment weight beta of eq. 3 (the paper's 0.25)
+    decay: float = 0.99               # ema: the decay gamma of the moving averages, appendix A.1 (the paper's 0.99)
+    eps: float = 1e-5                 # ema: Laplace smoothing of the counts N_i (the authors' Sonnet code's)
+    kmeans_init: bool = True          # start from k-means on the first batch (SoundStream; the paper: random codes)
+    restart_threshold: float = 1.0    # restart codes used less than this per batch (Jukebox; the paper: 0, never)
+    cosine: bool = True               # l2-normalised codes and inputs (ViT-VQGAN; the paper: Euclidean, eq. 1)
+    lookup_dim: int = 4               # search codes in a projection of this dimension (ViT-VQGAN; the paper: 0, in D)
+    rotation_trick: bool = False      # vq: rotation-trick gradients (arXiv 2410.06424; the paper: straight-through)
+    fsq_levels: tuple[int, ...] | None = None   # fsq: its levels (None: the FSQ paper's choice for num_embeddings)
+
+    def __post_init__(self):
+        if self.fsq_levels is not None:   # a list would be unequal to the same levels as a tuple, and unhashable
+            object.__setattr__(self, "fsq_levels", tuple(int(v) for v in self.fsq_levels))
+
+
+def make_quantizer(options: QuantizerOptions) -> nn.Module:
+    """The quantizer `options` describe: VectorQuantizerEMA ("ema"), VectorQuantizer ("vq") or FSQ ("fsq");
+    `VQVAE` builds one, hierarchy.VQVAE2 one per level."""
+    if not isinstance(options, QuantizerOptions):
+        raise TypeError(f"make_quantizer takes a QuantizerOptions, got {type(options).__name__}")
+    o = options
+    size = dict(num_embeddings=o.num_embeddings, embedding_dim=o.embedding_dim)
+    codebook = dict(beta=o.beta, cosine=o.cosine, lookup_dim=o.lookup_dim, kmeans_init=o.kmeans_init,
+                    restart_threshold=o.restart_threshold)
+    if o.quantizer == "ema":
+        return VectorQuantizerEMA(**size, **codebook, decay=o.decay, eps=o.eps)
+    if o.quantizer == "vq":
+        return VectorQuantizer(**size, **codebook, rotation_trick=o.rotation_trick)
+    if o.quantizer == "fsq":
+        return FSQ(**size, levels=o.fsq_levels)
+    raise ValueError(f"quantizer must be 'ema', 'vq' or 'fsq', got {o.quantizer!r}")
 
 
 class VQVAEOutput(NamedTuple):
@@ -657,74 +603,31 @@ class VQVAEOutput(NamedTuple):
     levels: tuple = ()
 
 
-def to_model_scale(images: Tensor) -> Tensor:
-    """Images in [0, 1] -> the [-0.5, 0.5] scale the models are trained in (the authors' Sonnet example's shift)."""
-    return images - 0.5
-
-
-def to_image_scale(x: Tensor) -> Tensor:
-    """A decoder's output in the model's [-0.5, 0.5] scale -> float32 images in [0, 1] (clamped)."""
-    return (x.float() + 0.5).clamp(0, 1)
-
-
-class ImageCodec:
-    """`encode_images` / `decode_images` for a model with `encode` / `decode` in the [-0.5, 0.5] scale and a
-    `downsampling` factor: images in [0, 1] in, images in [0, 1] out, on the model's device."""
-
-    def encode_images(self, images: Tensor):
-        """(B, 3, H, W) float images in [0, 1], H and W multiples of `downsampling` -> the code maps of `encode`."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected a (B, 3, H, W) batch of RGB images, got shape {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise ValueError(f"expected float images in [0, 1], got {images.dtype} (divide 8-bit images by 255)")
-        f = self.downsampling
-        if images.shape[2] % f or images.shape[3] % f or min(images.shape[2:]) < f:
-            raise ValueError(f"expected a height and width that are multiples of {f} (the encoder downsamples by "
-                             f"{f}), got {images.shape[2]}x{images.shape[3]}")
-        low, high = images.min().item(), images.max().item()
-        if low < 0 or high > 1:
-            raise ValueError(f"expected images in [0, 1], got values from {low:.4g} to {high:.4g}")
-        device = next(self.parameters()).device
-        return self.encode(to_model_scale(images.to(device, torch.float32)))
-
-    def decode_images(self, codes) -> Tensor:
-        """The code maps of `encode_images` -> (B, 3, H, W) float32 images in [0, 1]."""
-        return to_image_scale(self.decode(codes))
-
-
 class VQVAE(ImageCodec, nn.Module):
-    """Encoder -> quantizer -> decoder.
+    """Encoder -> quantizer -> decoder; every argument by name.
 
-    quantizer: "ema" (appendix A.1, the default), "vq" (eq. 3) or "fsq" (finite scalar quantization).
-    kmeans_init, restart_threshold, cosine, lookup_dim: codebook options of the vector quantizers (`_Quantizer`);
-    the defaults are train.Config's, the best variant of benchmarks/ablation.py (k-means initialisation, dead-code restarts,
-    cosine codes searched in a 4-d projection; the quantizer classes on their own default to the paper's random
-    initialisation in D dimensions without restarts);
-    rotation_trick: the gradient path of the "vq" quantizer; fsq_levels: FSQ's levels (default: the paper's
-    recommendation for num_embeddings); block, attention, downsample: see `Encoder`.
+    options: the quantizer's `QuantizerOptions` (their embedding_dim D is also the encoder's output and the
+    decoder's input); any of its fields given by name replaces the one in `options`, as in
+    VQVAE(num_embeddings=512, cosine=False). The defaults are train.Config's. block, attention, downsample: see
+    `Encoder`. The options the model was built with are kept as `model.options`.
     Example: VQVAE()(torch.zeros(8, 3, 32, 32)).vq.indices.shape == (8, 8, 8).
     """
 
-    def __init__(self, hidden_channels: int = 128, residual_channels: int = 32, num_residual_blocks: int = 2,
-                 embedding_dim: int = 64, num_embeddings: int = 2048, beta: float = 0.25, quantizer: str = "ema",
-                 decay: float = 0.99, eps: float = 1e-5, kmeans_init: bool = True, restart_threshold: float = 1.0,
-                 cosine: bool = True, lookup_dim: int = 4, rotation_trick: bool = False,
-                 fsq_levels: Sequence[int] | None = None, in_channels: int = 3, block: str = "paper",
-                 attention: bool = False, downsample: int = 4):
+    def __init__(self, *, hidden_channels: int = 128, residual_channels: int = 32, num_residual_blocks: int = 2,
+                 in_channels: int = 3, block: str = "paper", attention: bool = False, downsample: int = 4,
+                 options: QuantizerOptions = QuantizerOptions(), **changes: Any):
         super().__init__()
+        self.options = options = replace(options, **changes)
+        stack = (hidden_channels, residual_channels, num_residual_blocks, options.embedding_dim, in_channels)
         shape = dict(block=block, attention=attention, downsample=downsample)
-        self.encoder = Encoder(hidden_channels, residual_channels, num_residual_blocks, embedding_dim, in_channels,
-                               **shape)
-        self.quantizer = make_quantizer(quantizer, num_embeddings, embedding_dim, beta, decay, eps, kmeans_init,
-                                        restart_threshold, cosine, lookup_dim, rotation_trick, fsq_levels)
-        self.decoder = Decoder(hidden_channels, residual_channels, num_residual_blocks, embedding_dim, in_channels,
-                               **shape)
+        self.encoder = Encoder(*stack, **shape)
+        self.quantizer = make_quantizer(options)
+        self.decoder = Decoder(*stack, **shape)
 
     levels = 1
 
     @property
-    def downsampling(self) -> int:
-        """How many pixels of the image, in each direction, one code stands for (4, or 8 with downsample=8)."""
+    def downsampling(self) -> int:   # the pixels one code stands for in each direction: 4, or 8 with downsample=8
         return 8 if len(self.encoder.down) else 4
 
     @property
@@ -738,8 +641,7 @@ class VQVAE(ImageCodec, nn.Module):
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) images -> (B, H/f, W/f) code indices (f: the downsampling factor). Never updates the
-        codebook."""
+        """(B, 3, H, W) images -> (B, H/f, W/f) code indices (f = downsampling); never updates the codebook."""
         return self.quantizer.nearest_indices(self.encoder(x))
 
     @torch.no_grad()

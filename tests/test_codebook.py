@@ -85,7 +85,7 @@ def test_kmeans_init_takes_its_centres_from_the_data():
 
 
 def test_kmeans_function_matches_lloyd_fixed_point():
-    from models import kmeans
+    from codebook import kmeans
 
     torch.manual_seed(3)
     g = torch.Generator().manual_seed(3)

@@ -20,7 +20,8 @@ import resume_check
 import runs
 import train
 from checkpoint import Config, load_checkpoint
-from models import VQVAE, nearest_code
+from codebook import nearest_code
+from models import VQVAE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from bench import ReferenceVectorQuantizerEMA
-from models import VQVAE, VectorQuantizerEMA, nearest_code
+from codebook import nearest_code
+from models import VQVAE, VectorQuantizerEMA
 
 
 def test_ema_quantizer_matches_the_one_hot_reference_step_for_step():

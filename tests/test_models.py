@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import Config, model_args
-from models import (VQVAE, Decoder, Encoder, ResidualStack, VectorQuantizer, VectorQuantizerEMA, flatten_latents,
-                    nearest_code)
+from codebook import nearest_code
+from models import VQVAE, Decoder, Encoder, ResidualStack, VectorQuantizer, VectorQuantizerEMA, flatten_latents
 
 
 def brute_force_indices(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:

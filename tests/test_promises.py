@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from checkpoint import TOP_FIELDS, Config, model_args
+from codebook import kmeans
 from hierarchy import VQVAE2
-from models import FSQ, VQVAE, VQOutput, VectorQuantizer, VectorQuantizerEMA, flatten_latents, kmeans
+from models import FSQ, VQVAE, VQOutput, VectorQuantizer, VectorQuantizerEMA, flatten_latents
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -276,7 +277,7 @@ def test_vqvae_defaults_are_the_configs():
     params2 = inspect.signature(VQVAE2).parameters
     args = model_args(Config())
     assert args.pop("levels") == VQVAE.levels == 1
-    for name, value in args.items():
+    for name, value in args.items():   # "options" among them: the models' default QuantizerOptions are the config's
         assert params[name].default == value, name
         assert name == "downsample" or params2[name].default == value, name
     for name in TOP_FIELDS:

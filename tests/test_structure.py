@@ -52,6 +52,7 @@ def test_runs_and_checkpoint_sit_below_every_script():
     assert repo_imports("runs") == set()
     assert repo_imports("checkpoint") <= {"runs", "models", "hierarchy"}
     assert repo_imports("hierarchy") <= {"models"}
+    assert repo_imports("codebook") == set()          # the quantizers' tools, below models
     for script in ("evaluate", "extract_codes", "sample", "evaluate_prior", "train_prior", "bench_report"):
         assert "train" not in repo_imports(script), f"{script}.py imports the training loop"
     assert "bench" not in repo_imports("ablation")
@@ -60,7 +61,7 @@ def test_runs_and_checkpoint_sit_below_every_script():
 def test_modules_stay_small():
     for m in MODULES:
         lines = len(FILES[m].read_text().splitlines())
-        assert m == "models" or lines <= 500, f"{m}.py has {lines} lines"
+        assert lines <= (650 if m == "models" else 500), f"{m}.py has {lines} lines"
 
 
 def test_a_checkpoint_written_before_the_move_loads_evaluates_and_resumes(tmp_path, capsys):

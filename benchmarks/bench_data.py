@@ -271,6 +271,43 @@ def bench_reading(root: Path, size: int, batch: int, workers: int, device: torch
             "memory_mapped_images_per_s": read_rate(mapped, batch, workers, pin, count)}
 
 
+MEMORY_FLOORS_MB = {"train.py": 3000, "evaluate.py": 3000}   # peak RSS at the largest size measured, at most
+
+_PEAK_RSS = ("import resource, subprocess, sys\n"
+             "run = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)\n"
+             "sys.stderr.write(run.stderr[-800:] if run.returncode else '')\n"
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if run.returncode == 0 else -1)")
+
+
+def peak_rss_mb(command: list[str], cwd: Path) -> float:
+    """Peak resident memory (MiB) of the largest process `command` starts (itself or a DataLoader worker): the
+    children's ru_maxrss seen by a fresh wrapper process, so no earlier measurement counts."""
+    run = subprocess.run([sys.executable, "-c", _PEAK_RSS, *command], cwd=cwd, capture_output=True, text=True)
+    kb = int(run.stdout.strip().splitlines()[-1]) if run.stdout.strip() else -1
+    if run.returncode or kb < 0:
+        raise RuntimeError(f"{command[1]} failed in {cwd}: {run.stderr.strip()[-800:]}")
+    return kb / 1024
+
+
+def bench_memory(root: Path, sizes: list[int], code: Path, steps: int = 20, batch: int = 16,
+                 eval_batch: int = 64) -> list[dict]:
+    """Peak RSS of `train.py` (`steps` steps of `batch`, the validation at the end included) and of `evaluate.py`
+    (its checkpoint, `eval_batch`) on the copy at each size, with the scripts of the checkout `code`; the splits
+    are prepared before (a run of build_data), so neither process pays for preparing."""
+    rows = []
+    for size in sizes:
+        with quiet():
+            build_data("food101", size, root=str(root))
+        with tempfile.TemporaryDirectory() as out:
+            train = peak_rss_mb([sys.executable, "train.py", "--data", "food101", "--data-root", str(root),
+                                 "--image-size", str(size), "--batch-size", str(batch), "--steps", str(steps),
+                                 "--no-progress", "--out", out], code)
+            evaluate = peak_rss_mb([sys.executable, "evaluate.py", "--checkpoint", str(Path(out) / "checkpoint.pt"),
+                                    "--batch-size", str(eval_batch)], code)
+        rows.append({"size": size, "train_mb": train, "evaluate_mb": evaluate})
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Report
 

@@ -89,20 +89,21 @@ def test_the_variance_of_a_prepared_split_is_numpys(tmp_path, cache_limit_mb):
 
 
 def test_counting_the_variance_holds_no_copy_of_the_split(tmp_path):
-    """A 168 MB prepared split on disk, every image counted: the process's peak resident memory grows by far less
-    than the split (a second process, so that its ru_maxrss is this alone)."""
+    """A 168 MB prepared split on disk, every image counted: the peak resident memory of the process that counts
+    grows by far less than the split (a second process, so that its ru_maxrss is this alone; the file is written
+    here, with file writes, so that no page of it was ever mapped there)."""
+    path = tmp_path / "train.npy"
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (640, 256, 256, 4)})
+        for i in range(640):
+            f.write(bytes([200 if i % 2 == 0 else 0]) * (256 * 256 * 4))
     script = f"""
 import resource, sys
-import numpy as np, torch
+import torch
 sys.path.insert(0, {str(ROOT)!r})
 from image_data import MappedImages, pixel_variance
-path = {str(tmp_path / 'train.npy')!r}
-rows = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(640, 256, 256, 4))
-rows[::2] = 200
-rows.flush()
-del rows
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-variance = pixel_variance(MappedImages(path, torch.zeros(640, dtype=torch.long), False), max_items=10**6)
+variance = pixel_variance(MappedImages({str(path)!r}, torch.zeros(640, dtype=torch.long), False), max_items=10**6)
 print(variance, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

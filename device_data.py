@@ -3,8 +3,9 @@ step's images gathered by index and flipped there.
 
 A step's batch is the one `image_data.batches` gives for the same (seed, step, rank): the indices and flip bits come
 from the same `StepBatchSampler` and augmentation seeds, computed on the host (a few hundred bytes a step); the
-images never cross from the host again after the copy. train.py uses it on CUDA when the split fits in
-`--device-data` of the GPU's free memory.
+images never cross from the host again after the copy, which holds one chunk of the split at a time in host memory.
+train.py uses it on CUDA when the split fits in `--device-data` of the GPU's free memory (`fits_on_device`; when
+it does not, one line says so and the batches come from the host).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from image_data import CachedImages, MappedImages, StepBatchSampler, mirrored
+from prepared import read_rows
 
 
 def flip_bits(seeds: Sequence[int]) -> Tensor:
@@ -30,17 +32,32 @@ def split_bytes(dataset: Dataset) -> int | None:
     return None
 
 
+def fits_on_device(dataset: Dataset, device: torch.device, share: float) -> bool:
+    """Whether the training split goes to the GPU once: on CUDA, when its images take at most `share` of the
+    device's free memory. A split that does not fit is read from the host instead, and one line says so."""
+    size = split_bytes(dataset)
+    if device.type != "cuda" or share <= 0 or size is None:
+        return False
+    free = torch.cuda.mem_get_info(device)[0]
+    if size <= share * free:
+        return True
+    print(f"the training split ({size / 2**30:.2f} GiB) is larger than --device-data {share} of the GPU's free "
+          f"memory ({free / 2**30:.2f} GiB): reading its batches from the host instead", flush=True)
+    return False
+
+
 def on_device(dataset: CachedImages | MappedImages, device: torch.device,
-              chunk_bytes: int = 256 * 2**20) -> tuple[Tensor, Tensor]:
-    """The split's images (N, 3, S, S) uint8 and labels (N,) on `device`; a memory-mapped array is copied over in
-    chunks of `chunk_bytes`, so it never needs to fit in host memory."""
+              chunk_bytes: int = 64 * 2**20) -> tuple[Tensor, Tensor]:
+    """The split's images (N, 3, S, S) uint8 and labels (N,) on `device`; a prepared array on disk is copied over
+    in chunks of `chunk_bytes` read from the file (`prepared.read_rows`), so host memory holds one chunk at most."""
     if isinstance(dataset, CachedImages):
         return dataset.images.to(device), dataset.labels.to(device)
-    rows = dataset.images                                            # (N, S, S, 3) memory map
-    out = torch.empty(rows.shape, dtype=torch.uint8, device=device)  # channels last, as the file
-    step = max(1, chunk_bytes // max(1, int(np.prod(rows.shape[1:]))))
-    for start in range(0, len(rows), step):
-        out[start:start + step] = torch.from_numpy(np.array(rows[start:start + step])).to(device)
+    shape, offset = dataset.images.shape, dataset.images.offset      # (N, S, S, 3), of the file's memory map
+    out = torch.empty(shape, dtype=torch.uint8, device=device)       # channels last, as the file
+    step = max(1, chunk_bytes // max(1, int(np.prod(shape[1:]))))
+    for start in range(0, shape[0], step):
+        rows = read_rows(dataset.path, np.arange(start, min(start + step, shape[0])), offset, shape[1:])
+        out[start:start + len(rows)] = torch.from_numpy(rows).to(device)
     return out.permute(0, 3, 1, 2), dataset.labels.to(device)       # (N, S, S, 3) -> (N, 3, S, S) view
 
 

@@ -38,6 +38,13 @@ from runs import (DataError, amp_dtype_for, autocast, pick_device, require_at_le
 
 
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5   # a Gaussian window of 11 pixels with sigma 1.5 (Wang et al. 2004)
+MODEL_PIXELS = 2**20   # image pixels the model sees at once in `evaluate` (16 images of 256 x 256, 256 of 64 x 64)
+
+
+def model_sized(images: Tensor) -> tuple[Tensor, ...]:
+    """A batch (B, 3, S, S) split into parts of at most MODEL_PIXELS pixels (at least one image each): the
+    activations, and the float copies the metrics make, do not grow with the batch size."""
+    return images.split(max(1, MODEL_PIXELS // (images.shape[-1] * images.shape[-2])))
 
 
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> Tensor:
@@ -74,7 +81,8 @@ def ssim_per_image(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
 @torch.no_grad()
 def evaluate(model: VQVAE, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None = None,
              channels_last: bool = False) -> dict:
-    """Pooled metrics over every image `loader` yields (uint8 batches); the model is left in its previous mode.
+    """Pooled metrics over every image `loader` yields (uint8 batches, each run through the model in parts of at
+    most MODEL_PIXELS pixels); the model is left in its previous mode.
 
     Under torch.distributed the sums are added over processes, so every process returns the same numbers."""
     was_training = model.training
@@ -85,20 +93,19 @@ def evaluate(model: VQVAE, loader: DataLoader, device: torch.device, amp_dtype: 
     num = torch.zeros(2, dtype=torch.float64, device=device)   # images, pixel values
     ssim_sum = torch.zeros((), dtype=torch.float64, device=device)
     ctx = autocast(device, amp_dtype)
-    for images, _ in loader:
-        if not len(images):
-            continue
-        x = images.to(device, non_blocking=True).float().div_(255)                     # (B, 3, H, W) in [0, 1]
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with ctx:
-            out = model(x - 0.5)
-        reconstruction = (out.reconstruction.float() + 0.5).clamp_(0, 1)
-        squared_error += (reconstruction - x).double().pow(2).sum()
-        ssim_sum += ssim_per_image(reconstruction, x).double().sum()
-        for count, vq in zip(counts, out.levels):
-            count += torch.bincount(vq.indices.flatten(), minlength=len(count)).double()
-        num += torch.tensor([x.shape[0], x.numel()], dtype=torch.float64, device=device)
+    for batch, _ in loader:
+        for images in model_sized(batch) if len(batch) else ():
+            x = images.to(device, non_blocking=True).float().div_(255)                 # (B, 3, H, W) in [0, 1]
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with ctx:
+                out = model(x - 0.5)
+            reconstruction = (out.reconstruction.float() + 0.5).clamp_(0, 1)
+            squared_error += (reconstruction - x).double().pow(2).sum()
+            ssim_sum += ssim_per_image(reconstruction, x).double().sum()
+            for count, vq in zip(counts, out.levels):
+                count += torch.bincount(vq.indices.flatten(), minlength=len(count)).double()
+            num += torch.tensor([x.shape[0], x.numel()], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         for t in (squared_error, *counts, num, ssim_sum):
             dist.all_reduce(t)

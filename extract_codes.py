@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from checkpoint import load_checkpoint
+from evaluate import model_sized
 from image_data import CachedImages, PhotoCrops, build_data, collate, default_workers
 from runs import (ConfigError, DataError, atomic_save, pick_device, read_plain_file, require_at_least, run_cli,
                   script_parser)
@@ -61,22 +62,25 @@ def augmentation_seed(pass_index: int, index: int) -> int:
 
 @torch.no_grad()
 def encode_dataset(model, dataset: Dataset, keys: list, batch_size: int, device: torch.device,
-                   num_workers: int = 0) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]:
-    """Encode the items `keys` of `dataset` (integer or (index, seed) keys) -> (codes (N, h, w) int64 on the CPU,
-    labels (N,) int64); for a 2-level VQ-VAE the codes are its (top, bottom) maps, as `encode` returns them. Items
-    that cannot be decoded are dropped (with image_data's warning)."""
+                   num_workers: int = 0, dtype: torch.dtype = torch.int64
+                   ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]:
+    """Encode the items `keys` of `dataset` (integer or (index, seed) keys) -> (codes (N, h, w) of `dtype` on the
+    CPU, labels (N,) int64); for a 2-level VQ-VAE the codes are its (top, bottom) maps, as `encode` returns them.
+    Items that cannot be decoded are dropped (with image_data's warning). Each batch goes through the encoder in
+    parts of at most evaluate.MODEL_PIXELS pixels and its codes are kept in `dtype` at once."""
     workers = 0 if isinstance(dataset, (CachedImages, PhotoCrops)) else num_workers
     loader = DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=workers, collate_fn=collate)
     codes, labels = [], []
-    for images, y in loader:
-        if len(images):
+    for batch, y in loader:
+        for images in model_sized(batch) if len(batch) else ():
             x = images.to(device).float().div_(255).sub_(0.5)       # (B, 3, S, S) in [-0.5, 0.5]
             maps = model.encode(x)                                   # (B, S/4, S/4), or (top, bottom)
-            codes.append([maps] if isinstance(maps, torch.Tensor) else list(maps))
+            codes.append([m.to("cpu", dtype) for m in ([maps] if isinstance(maps, torch.Tensor) else maps)])
+        if len(batch):
             labels.append(y)
     if not codes:
         raise DataError("none of the images could be decoded: check the files")
-    levels = [torch.cat([c[i] for c in codes]).cpu() for i in range(len(codes[0]))]
+    levels = [torch.cat([c[i] for c in codes]) for i in range(len(codes[0]))]
     return (levels[0] if len(levels) == 1 else tuple(levels)), torch.cat(labels)
 
 
@@ -99,19 +103,19 @@ def extract_codes(checkpoint: str | Path, out: str | Path | None = None, passes:
     splits = build_data(data or config.data, config.image_size, config.data_root, download=False,
                         val_fraction=config.val_fraction, prepared_dir=config.prepared_dir)
     workers = default_workers()
+    ks = [q.num_embeddings for q in model.quantizers]   # top first for 2 levels
+    k, dtype = ks[-1], code_dtype(max(ks))
     n = len(splits.train)
     train_codes, train_labels = [], []
     for p in tqdm(range(passes), desc="encoding training passes", disable=not progress or passes == 1):
         keys = list(range(n)) if p == 0 else [(i, augmentation_seed(p, i)) for i in range(n)]
-        codes, labels = encode_dataset(model, splits.train, keys, batch_size, dev, workers)
+        codes, labels = encode_dataset(model, splits.train, keys, batch_size, dev, workers, dtype)
         train_codes.append(codes)
         train_labels.append(labels)
     val_codes, val_labels = encode_dataset(model, splits.val, list(range(len(splits.val))), batch_size, dev,
-                                           workers)
+                                           workers, dtype)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "encoding changed the VQ-VAE's state"
-    ks = [q.num_embeddings for q in model.quantizers]   # top first for 2 levels
-    k, dtype = ks[-1], code_dtype(max(ks))
     if model.levels == 2:   # (top, bottom) per pass
         train_top, train_codes = [t for t, _ in train_codes], [b for _, b in train_codes]
         val_top, val_codes = val_codes

@@ -15,12 +15,17 @@ classes, stored under `root`, downloaded only when asked).
 - A file that cannot be decoded is skipped with a warning that names it. A missing or empty folder, a missing
   dataset, or an image size the model cannot downsample by 4 raises `DataError`, whose message is one line that
   says what to do.
-- Small datasets are decoded once into a uint8 cache in memory; large ones are decoded by DataLoader workers.
+- Folders, Food101 and CIFAR-10 are decoded once into a prepared uint8 array per split (prepared.py). A split that
+  fits `cache_limit_mb` (and half the memory available) is read into memory; a larger one stays on disk and is
+  read a batch at a time by DataLoader workers. The sample's few photos are held in memory.
+- `DataSplits.variance`, the training pixels' variance, is computed on first use, in bounded memory: a resumed
+  run, evaluate.py and extract_codes.py never compute it (the checkpoint holds the run's).
 - `StepBatchSampler` makes the batch of step s (and its augmentation) a function of (seed, s) alone, so a run
   resumed at step s sees exactly the batches the uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -34,8 +39,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from decode import ImageSkippedWarning, load_image, skip_warning, square_array, square_image  # noqa: F401
-from prepared import as_tensor_images, file_stamps, load_or_prepare, prepared_folder
+from decode import ImageSkippedWarning, load_image, skip_warning, square_image  # noqa: F401
+from prepared import (ResizedArray, SquareArrays, as_tensor_images, file_stamps, fits_in_memory, load_or_prepare,
+                      prepared_folder, read_rows)
 from runs import DataError   # raised here for every problem with the user's data (a one-line message)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -90,8 +96,9 @@ class CachedImages(Dataset):
 
 
 class MappedImages(Dataset):
-    """A prepared split too large for memory: uint8 (N, S, S, 3) rows of a .npy file read through a memory map that
-    each process (each DataLoader worker) opens for itself; a whole batch is read at once (`__getitems__`)."""
+    """A prepared split too large for memory: uint8 (N, S, S, 3) rows of a .npy file, a whole batch read at once
+    (`__getitems__`) with file reads (`prepared.read_rows`) by each process (each DataLoader worker) for itself;
+    `images` is its memory map (for the shape and where the rows start; nothing is read through it)."""
 
     def __init__(self, path: str | Path, labels: Tensor, augment: bool):
         self.path, self.labels, self.augment = str(path), labels, augment
@@ -114,10 +121,11 @@ class MappedImages(Dataset):
 
     def __getitems__(self, keys: list) -> list:
         split = [_split_key(k) for k in keys]
-        index = np.array([i for i, _ in split])
-        order = np.argsort(index)
-        rows = torch.from_numpy(self.images[index[order]])                  # (B, S, S, 3), read in file order
-        rows = rows[torch.from_numpy(np.argsort(order))].permute(0, 3, 1, 2)  # back to the keys' order, (B, 3, S, S)
+        index = np.array([i for i, _ in split], dtype=np.int64)
+        order = np.argsort(index, kind="stable")
+        rows = torch.from_numpy(read_rows(self.path, index[order], self.images.offset, self.images.shape[1:]))
+        # (B, S, S, 3), read in file order -> back in the keys' order, (B, 3, S, S)
+        rows = rows[torch.from_numpy(np.argsort(order))].permute(0, 3, 1, 2)
         return [(flip(rows[j], seed if self.augment else None), int(self.labels[i]))
                 for j, (i, seed) in enumerate(split)]
 
@@ -227,14 +235,18 @@ class StepBatchSampler(Sampler):
 
 @dataclass
 class DataSplits:
-    """train/val: datasets of (uint8 (3, S, S), label); variance: pixel variance of the training images in [0, 1]
-    (the normaliser of the reconstruction loss); classes: label names (empty when there are none)."""
+    """train/val: datasets of (uint8 (3, S, S), label); classes: label names (empty when there are none);
+    variance: pixel variance of the training images in [0, 1] (the normaliser of the reconstruction loss),
+    computed on first use (`pixel_variance`)."""
 
     train: Dataset
     val: Dataset
     classes: list[str]
-    variance: float
     description: str
+
+    @functools.cached_property
+    def variance(self) -> float:
+        return pixel_variance(self.train)
 
 
 def find_images(folder: str | Path) -> list[Path]:
@@ -286,40 +298,48 @@ def folder_labels(paths: list[Path], base: Path, classes: list[str] | None = Non
     return [index.get(t, 0) for t in tops], classes
 
 
+VARIANCE_CHUNK_BYTES = 16 * 2**20   # pixel values `pixel_variance` counts at once (or one image, if larger)
+
+
 def pixel_variance(dataset: Dataset, max_items: int = 2000) -> float:
-    """Variance of all pixel values (scaled to [0, 1]) over the dataset, or an evenly spaced subset of it."""
-    if isinstance(dataset, CachedImages):
-        x = dataset.images[:: max(1, len(dataset) // 20000)]
+    """Unbiased variance of the pixel values (scaled to [0, 1]) of every image of a split in memory (every k-th,
+    k = N // 20,000, from 40,000 images), of all the sample's training photos, or of `max_items` evenly spaced
+    images of any other split (every k-th, k = N // max_items). They are counted into a histogram of the 256
+    values a chunk at a time, so memory does not grow with the split; the variance follows exactly from it."""
+    counts = torch.zeros(256, dtype=torch.int64)
+    if isinstance(dataset, (CachedImages, MappedImages)):
+        rows = np.arange(0, len(dataset), max(1, len(dataset) // (20000 if isinstance(dataset, CachedImages)
+                                                                   else max_items)))
+        whole = dataset.images   # (N, 3, S, S) in memory, or the file's (N, S, S, 3) map (for its shape and offset)
+        per_chunk = max(1, VARIANCE_CHUNK_BYTES // int(np.prod(whole.shape[1:])))
+        chunks = (whole.permute(0, 2, 3, 1)[torch.from_numpy(rows[i:i + per_chunk])]   # its rows in memory order
+                  if isinstance(dataset, CachedImages) else
+                  torch.from_numpy(read_rows(dataset.path, rows[i:i + per_chunk], whole.offset, whole.shape[1:]))
+                  for i in range(0, len(rows), per_chunk))
     elif isinstance(dataset, PhotoCrops):
-        return float(torch.cat([p.flatten() for p in dataset.photos]).float().div(255).var())
+        chunks = dataset.photos
     else:
-        step = max(1, len(dataset) // max_items)
-        items = [dataset[i] for i in range(0, len(dataset), step)]
-        x = torch.stack([it[0] for it in items if it is not None])
-    return float(x.float().div(255).var())
-
-
-class SquareArrays:
-    """decode(i) for preparing a folder: file i decoded, resized and centre-cropped to (S, S, 3) uint8 (a class,
-    not a closure, so that DataLoader workers started by spawn can receive it)."""
-
-    def __init__(self, paths: Sequence[str | Path], size: int):
-        self.paths, self.size = list(paths), size
-
-    def __call__(self, i: int) -> np.ndarray:
-        return square_array(self.paths[i], self.size)
+        items = (dataset[i] for i in range(0, len(dataset), max(1, len(dataset) // max_items)))
+        chunks = (item[0] for item in items if item is not None)
+    for x in chunks:   # uint8
+        counts += torch.bincount(x.reshape(-1), minlength=256)
+    values = torch.arange(256, dtype=torch.float64) / 255
+    mean = (counts * values).sum() / counts.sum()
+    return float((counts * (values - mean) ** 2).sum() / (counts.sum() - 1))
 
 
 def prepared_split(where: Path, split: str, image_size: int, stamps: list, labels: Sequence[int],
                    decode: Callable[[int], np.ndarray], names: Sequence[str], augment: bool, cache_limit_mb: int,
                    num_workers: int, source: str) -> Dataset:
-    """A split read from its prepared array (prepared now if needed): loaded whole into memory when it fits in
-    `cache_limit_mb`, otherwise memory-mapped and read by DataLoader workers."""
+    """A split read from its prepared array (prepared now if needed): read whole into memory when it fits in
+    `cache_limit_mb` and in half the memory available, otherwise left on disk and read by DataLoader workers."""
     images, kept = load_or_prepare(where, split, image_size, stamps, labels, decode, names, num_workers, source)
     kept = torch.from_numpy(np.asarray(kept, dtype=np.int64))
-    if images.nbytes <= cache_limit_mb * 2**20:
-        return CachedImages(as_tensor_images(np.array(images)), kept, augment)
-    return MappedImages(where / f"{split}.npy", kept, augment)
+    path = where / f"{split}.npy"
+    if images.nbytes <= cache_limit_mb * 2**20 and fits_in_memory(images.nbytes, f"the {split} split of {source}"):
+        return CachedImages(as_tensor_images(read_rows(path, np.arange(len(images)), images.offset,
+                                                       images.shape[1:])), kept, augment)
+    return MappedImages(path, kept, augment)
 
 
 def build_data(data: str = "sample", image_size: int = 64, root: str = "data", download: bool = False,
@@ -346,7 +366,7 @@ def build_data(data: str = "sample", image_size: int = 64, root: str = "data", d
                              SquareArrays(paths, image_size), [str(p) for p in paths], split == "train",
                              cache_limit_mb, num_workers, str(folder))
               for split, paths, labels in (("train", train_paths, train_labels), ("val", val_paths, val_labels))]
-    return DataSplits(splits[0], splits[1], classes, pixel_variance(splits[0]),
+    return DataSplits(splits[0], splits[1], classes,
                       f"{folder}: {len(splits[0])} training and {len(splits[1])} validation images")
 
 
@@ -382,7 +402,7 @@ def _sample(image_size: int) -> DataSplits:
     unseen = load(val_paths)
     train, val = PhotoCrops(tops, image_size, True), PhotoCrops(unseen + strips, image_size, False)
     num_unseen = len(sample_unseen_photos(val))
-    return DataSplits(train, val, [], pixel_variance(train),
+    return DataSplits(train, val, [],
                       f"sample: {len(train_paths)} training photos ({len(train)} crops an epoch); validation: "
                       f"{len(val_paths)} unseen photos ({num_unseen} crops) and {len(strips)} held-out strips "
                       f"({len(val) - num_unseen} crops)")
@@ -400,21 +420,6 @@ def sample_validation_parts(val: Dataset) -> dict[str, PhotoCrops]:
         return {}
     return {"unseen": sample_unseen_photos(val),
             "strips": PhotoCrops(val.photos[len(SAMPLE_VAL):], val.size, False)}
-
-
-class ResizedArray:
-    """decode(i) for preparing CIFAR-10: row i of its (N, 32, 32, 3) array, resized (bicubic, antialiased) to S."""
-
-    def __init__(self, data: np.ndarray, size: int):
-        self.data, self.size = data, size
-
-    def __call__(self, i: int) -> np.ndarray:
-        if self.data.shape[1] == self.size:
-            return self.data[i]
-        x = torch.from_numpy(self.data[i]).permute(2, 0, 1)[None].float()              # (1, 3, 32, 32)
-        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True,
-                                            align_corners=False)
-        return x.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()      # (S, S, 3)
 
 
 def _torchvision(name: str, image_size: int, root: str, download: bool, cache_limit_mb: int,
@@ -457,7 +462,7 @@ def _torchvision(name: str, image_size: int, root: str, download: bool, cache_li
                                          SquareArrays(files, image_size), [str(f) for f in files], train,
                                          cache_limit_mb, num_workers, pretty))
     classes = list(getattr(ds, "classes", []))   # ds: the test split, the last one made
-    return DataSplits(splits[0], splits[1], classes, pixel_variance(splits[0]),
+    return DataSplits(splits[0], splits[1], classes,
                       f"{pretty}: {len(splits[0])} training and {len(splits[1])} validation images")
 
 

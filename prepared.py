@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from decode import skip_warning
+from decode import skip_warning, square_array
 from runs import DataError, atomic_write
 
 FORMAT = 1
@@ -73,6 +73,39 @@ def checksum(path: Path) -> str:
             f.seek(offset)
             h.update(f.read(CHECKSUM_BYTES))
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The decoders of the sources: decode(i) -> image i as (S, S, 3) uint8. Classes, not closures, so that DataLoader
+# workers started by spawn can receive them.
+
+
+class SquareArrays:
+    """decode(i) for preparing a folder: file i decoded, resized and centre-cropped to (S, S, 3) uint8."""
+
+    def __init__(self, paths: Sequence[str | Path], size: int):
+        self.paths, self.size = list(paths), size
+
+    def __call__(self, i: int) -> np.ndarray:
+        return square_array(self.paths[i], self.size)
+
+
+class ResizedArray:
+    """decode(i) for preparing CIFAR-10: row i of its (N, 32, 32, 3) array, resized (bicubic, antialiased) to S."""
+
+    def __init__(self, data: np.ndarray, size: int):
+        self.data, self.size = data, size
+
+    def __call__(self, i: int) -> np.ndarray:
+        if self.data.shape[1] == self.size:
+            return self.data[i]
+        x = torch.from_numpy(self.data[i]).permute(2, 0, 1)[None].float()              # (1, 3, 32, 32)
+        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True,
+                                            align_corners=False)
+        return x.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()      # (S, S, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def _read_key(path: Path) -> dict | None:
@@ -241,6 +274,61 @@ def prepare(folder: Path, split: str, image_size: int, stamps: list[list], label
         print(f"prepared {source} ({split}): {kept} images of {image_size}x{image_size} in {seconds:.1f} s "
               f"({count / max(seconds, 1e-9):.0f} images/s with {workers} worker(s)) -> {folder}", flush=True)
     return np.load(path, mmap_mode="r"), kept_labels
+
+
+def read_rows(path: str | Path, rows: np.ndarray, offset: int, row_shape: tuple[int, ...]) -> np.ndarray:
+    """Rows `rows` (sorted) of the uint8 array stored from byte `offset` of `path`, as (len(rows), *row_shape),
+    read with ordinary file reads, each run of consecutive rows at once. Not through a memory map: its pages would
+    count toward the resident memory of the process for as long as the map is open, so a pass over a whole
+    prepared split would look like a copy of it held in memory."""
+    rows = np.asarray(rows, dtype=np.int64)
+    row_bytes = int(np.prod(row_shape))
+    out = np.empty((len(rows), *row_shape), dtype=np.uint8)
+    flat = memoryview(out.reshape(-1))
+    if not len(rows):
+        return out
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    with open(path, "rb", buffering=0) as f:
+        for start, stop in zip([0, *breaks.tolist()], [*breaks.tolist(), len(rows)]):
+            f.seek(offset + int(rows[start]) * row_bytes)
+            done, end = start * row_bytes, stop * row_bytes
+            while done < end:   # a read may return less than asked (very large reads do)
+                got = f.readinto(flat[done:end])
+                if not got:
+                    raise DataError(f"{path} ended early: delete it, and the run prepares it again")
+                done += got
+    return out
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory this process can still take: MemAvailable, or less where a cgroup limit leaves less;
+    None where neither can be read."""
+    found = []
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    v1 = "/sys/fs/cgroup/memory/memory."
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         (v1 + "limit_in_bytes", v1 + "usage_in_bytes")):
+        try:
+            found.append(int(Path(limit).read_text()) - int(Path(usage).read_text()))
+        except (OSError, ValueError):   # absent, or "max" (no limit)
+            continue
+    return min(found) if found else None
+
+
+def fits_in_memory(nbytes: int, what: str) -> bool:
+    """Whether `nbytes` can be read into memory: at most half the memory available (the rest is the run's); where
+    it cannot, one line says that `what` is read from disk instead."""
+    free = available_memory()
+    if free is None or nbytes <= free / 2:
+        return True
+    print(f"{what} ({nbytes / 2**30:.2f} GiB) would take more than half the memory available "
+          f"({free / 2**30:.2f} GiB): reading it from disk instead", flush=True)
+    return False
 
 
 def as_tensor_images(images: np.ndarray) -> torch.Tensor:

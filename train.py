@@ -43,7 +43,7 @@ from torch.utils.data import Subset
 from checkpoint import (Config, build_model, check_config, check_resume_matches, config_from_dict,
                         learning_rate, read_checkpoint, save_checkpoint)
 from evaluate import evaluate
-from device_data import device_batches, split_bytes
+from device_data import device_batches, fits_on_device
 from image_data import DataSplits, batches, build_data, default_workers, eval_loader, sample_validation_parts
 from models import VQVAE
 from runs import (TENSORBOARD_FILES, Interrupted, MetricsLog, Processes, StopOnSignal, amp_dtype_for, atomic_write,
@@ -94,9 +94,7 @@ def prepare_out(c: Config, main: bool = True) -> tuple[Path, dict | None]:
 def keep_on_device(split, device: torch.device, share: float) -> bool:
     """Whether the training split goes to the GPU once: on CUDA, when its images take at most `share` of the
     device's free memory."""
-    size = split_bytes(split)
-    return device.type == "cuda" and share > 0 and size is not None and \
-        size <= share * torch.cuda.mem_get_info(device)[0]
+    return fits_on_device(split, device, share)
 
 
 def say_if_processes_changed(ckpt: dict, c: Config, procs: Processes, out: Path) -> None:
@@ -146,11 +144,12 @@ def _train(c: Config, procs: Processes, device: torch.device, callback: Callable
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model.parameters(), c.lr, device)
-    start_step, elapsed, variance = 0, 0.0, data.variance
+    start_step, elapsed = 0, 0.0
+    # a resumed run divides by the variance it started with, from its checkpoint (and never computes it again)
+    variance = resume_from["data_variance"] if resume_from is not None else data.variance
     if resume_from is not None:
         restore_training(model, optimizer, resume_from)   # moments take this run's memory layout
         start_step, elapsed = resume_from["step"], resume_from["elapsed"]
-        variance = resume_from["data_variance"]   # the normaliser the run started with
         say_if_processes_changed(resume_from, c, procs, out)
     metrics = MetricsLog(out, start_step, resume_from is not None, c.tensorboard, callback, enabled=procs.main)
     if procs.main:

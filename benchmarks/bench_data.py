@@ -20,6 +20,11 @@ under --copy-dir and reused while its marker matches. Every measurement reads fi
   between train()'s logged blocks (medians; floor: 95%; on CUDA also 128x128 at batch 128, floor 90%);
 - reading the prepared training split with image_data.batches, no model: in memory, and memory-mapped
   (cache_limit_mb=0) with W workers.
+
+With --memory it measures only host memory, into its own section of BENCHMARKS.md: the peak resident memory of
+train.py (20 steps of batch 16, and its validation) and of evaluate.py (batch 64) on the copy, the splits prepared
+beforehand, at each of --memory-sizes; with --before DIR also those of the checkout in DIR (e.g. an older commit's
+`git worktree`), side by side.
 """
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ from torchvision import datasets, transforms
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root: run from anywhere
 
 from bench import SAME_MATH, Trainer, sync
-from bench_report import machine, publish
+from bench_report import machine, publish, write_section
 from checkpoint import Config
 from image_data import batches, build_data, default_workers, sample_photo_paths
 from models import VQVAE
@@ -271,6 +276,43 @@ def bench_reading(root: Path, size: int, batch: int, workers: int, device: torch
             "memory_mapped_images_per_s": read_rate(mapped, batch, workers, pin, count)}
 
 
+MEMORY_FLOORS_MB = {"train.py": 3000, "evaluate.py": 3000}   # peak RSS at the largest size measured, at most
+
+_PEAK_RSS = ("import resource, subprocess, sys\n"
+             "run = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)\n"
+             "sys.stderr.write(run.stderr[-800:] if run.returncode else '')\n"
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if run.returncode == 0 else -1)")
+
+
+def peak_rss_mb(command: list[str], cwd: Path) -> float:
+    """Peak resident memory (MiB) of the largest process `command` starts (itself or a DataLoader worker): the
+    children's ru_maxrss seen by a fresh wrapper process, so no earlier measurement counts."""
+    run = subprocess.run([sys.executable, "-c", _PEAK_RSS, *command], cwd=cwd, capture_output=True, text=True)
+    kb = int(run.stdout.strip().splitlines()[-1]) if run.stdout.strip() else -1
+    if run.returncode or kb < 0:
+        raise RuntimeError(f"{command[1]} failed in {cwd}: {run.stderr.strip()[-800:]}")
+    return kb / 1024
+
+
+def bench_memory(root: Path, sizes: list[int], code: Path, steps: int = 20, batch: int = 16,
+                 eval_batch: int = 64) -> list[dict]:
+    """Peak RSS of `train.py` (`steps` steps of `batch`, the validation at the end included) and of `evaluate.py`
+    (its checkpoint, `eval_batch`) on the copy at each size, with the scripts of the checkout `code`; the splits
+    are prepared before (a run of build_data), so neither process pays for preparing."""
+    rows = []
+    for size in sizes:
+        with quiet():
+            build_data("food101", size, root=str(root))
+        with tempfile.TemporaryDirectory() as out:
+            train = peak_rss_mb([sys.executable, "train.py", "--data", "food101", "--data-root", str(root),
+                                 "--image-size", str(size), "--batch-size", str(batch), "--steps", str(steps),
+                                 "--no-progress", "--out", out], code)
+            evaluate = peak_rss_mb([sys.executable, "evaluate.py", "--checkpoint", str(Path(out) / "checkpoint.pt"),
+                                    "--batch-size", str(eval_batch)], code)
+        rows.append({"size": size, "train_mb": train, "evaluate_mb": evaluate})
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Report
 
@@ -331,6 +373,31 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def memory_report(results: dict) -> str:
+    """The --memory section: a table of peak RSS per size, before and after where both were measured."""
+    c, before = results["copy"], {r["size"]: r for r in results.get("before", [])}
+    lines = [f"Machine: {results['machine']}; device {results['device']}.",
+             f"Data: a Food101-layout copy of {c['images']} JPEGs ({c['images'] * 3 // 4} training, "
+             f"{c['images'] // 4} validation), prepared beforehand. Peak resident memory (MiB, the largest process: "
+             f"the script or one of its DataLoader workers) of `train.py --batch-size 16 --steps 20` (its "
+             f"validation included) and of `evaluate.py --batch-size 64` on its checkpoint.", ""]
+    if before:
+        lines += [f"Before: the code of {results['before_label']}.", "",
+                  "| size | train.py before | train.py | evaluate.py before | evaluate.py |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['size']}x{r['size']} | {before[r['size']]['train_mb']:.0f} | {r['train_mb']:.0f} | "
+                  f"{before[r['size']]['evaluate_mb']:.0f} | {r['evaluate_mb']:.0f} |"
+                  for r in results["memory"] if r["size"] in before]
+    else:
+        lines += ["| size | train.py | evaluate.py |", "| --- | --- | --- |"]
+        lines += [f"| {r['size']}x{r['size']} | {r['train_mb']:.0f} | {r['evaluate_mb']:.0f} |"
+                  for r in results["memory"]]
+    largest = max(results["memory"], key=lambda r: r["size"])
+    lines += ["", f"At {largest['size']}x{largest['size']}: train.py {largest['train_mb']:.0f} MiB, evaluate.py "
+              f"{largest['evaluate_mb']:.0f} MiB (floor: each below {MEMORY_FLOORS_MB['train.py']} MB)."]
+    return "\n".join(lines)
+
+
 def summary(results: dict) -> str:
     return "summary: " + "; ".join(f"{name} {got} (floor {need}) {'PASS' if ok else 'FAIL'}"
                                    for name, need, got, ok in floors(results))
@@ -347,9 +414,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--copy-dir", default=None, help="where the copy is kept (default data/food101-copy-<images>)")
     p.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
     p.add_argument("--json", default=None, help="also save the raw results to this file")
+    p.add_argument("--memory", action="store_true", help="measure only the peak memory of train.py and evaluate.py")
+    p.add_argument("--memory-sizes", default="64,128,256", help="image sizes of --memory")
+    p.add_argument("--before", default=None, help="with --memory: a checkout of older code to measure as well")
     args = p.parse_args(argv)
     device = pick_device(args.device)
     root = make_food101_copy(args.copy_dir or f"data/food101-copy-{args.images}", args.images)
+    if args.memory:
+        sizes = [int(v) for v in args.memory_sizes.split(",")]
+        results = {"machine": machine(), "device": str(device), "copy": {"images": args.images},
+                   "memory": bench_memory(root, sizes, ROOT)}
+        if args.before:
+            label = subprocess.run(["git", "log", "-1", "--format=%h (%cs)"], cwd=args.before, capture_output=True,
+                                   text=True).stdout.strip() or args.before
+            results.update(before=bench_memory(root, sizes, Path(args.before)), before_label=f"commit {label}")
+        text = memory_report(results)
+        print(text)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        if args.write:
+            command = " ".join(["python", "benchmarks/bench_data.py", *(sys.argv[1:] if argv is None else argv)])
+            write_section("bench_data.py memory", "Host memory: `bench_data.py --memory`", command, text)
+        return 0
     S, W = args.image_size, args.workers
     results: dict = {"machine": machine(), "device": str(device), "threads": torch.get_num_threads(), "workers": W,
                      "image_size": S, "copy": {"images": args.images, **warm_cache(root)}}

@@ -43,6 +43,7 @@ class Mutation:
 
 
 P, PD, PR = "tests/test_promises.py", "tests/test_promises_data.py", "tests/test_promises_runs.py"
+M = "tests/test_memory.py"
 L, H = "tests/test_prior_levels.py", "tests/test_hierarchy.py"
 Q = "tests/test_quantizer_options.py"
 CLIP = "tests/test_train.py::test_clip_grad_norm_scales_the_gradients_down_to_the_norm_and_keeps_their_direction"
@@ -160,12 +161,30 @@ MUTATIONS = [
              "F.mse_loss(out_.reconstruction.float(), x) / variance", "F.mse_loss(out_.reconstruction.float(), x)",
              (f"{PR}::test_the_reconstruction_term_is_the_mse_over_the_training_pixels_variance",)),
     Mutation("variance-of-validation", "The model", "image_data.py",
-             'pixel_variance(splits[0]),\n                      f"{folder}:',
-             'pixel_variance(splits[1]),\n                      f"{folder}:',
+             "return pixel_variance(self.train)", "return pixel_variance(self.val)",
              (f"{PD}::test_the_variance_is_that_of_the_training_pixels[1024]",)),
     Mutation("variance-is-std", "The model", "image_data.py",
-             "return float(x.float().div(255).var())", "return float(x.float().div(255).std())",
+             "return float((counts * (values - mean) ** 2).sum() / (counts.sum() - 1))",
+             "return float(((counts * (values - mean) ** 2).sum() / (counts.sum() - 1)).sqrt())",
              (f"{PD}::test_the_variance_is_that_of_the_training_pixels[1024]",)),
+    Mutation("variance-drops-a-chunk", "The model", "image_data.py",
+             "for x in chunks:   # uint8", "for x in list(chunks)[1:]:   # uint8",
+             (f"{M}::test_the_variance_of_images_in_memory_is_numpys",)),
+    Mutation("variance-computed-eagerly", "The model", "image_data.py",
+             "    description: str\n\n    @functools.cached_property",
+             "    description: str\n\n    def __post_init__(self):\n        self.variance\n\n    @functools.cached_property",
+             (f"{M}::test_resume_evaluate_and_extract_codes_take_the_checkpoints_variance",)),
+    Mutation("variance-read-through-the-memory-map", "The model", "image_data.py",
+             "torch.from_numpy(read_rows(dataset.path, rows[i:i + per_chunk], whole.offset, whole.shape[1:]))",
+             "torch.from_numpy(np.array(whole[rows[i:i + per_chunk]]))",
+             (f"{M}::test_counting_the_variance_holds_no_copy_of_the_split",)),
+    Mutation("evaluate-whole-batches", "Command line", "evaluate.py",
+             "return images.split(max(1, MODEL_PIXELS // (images.shape[-1] * images.shape[-2])))",
+             "return (images,)",
+             (f"{M}::test_the_model_sees_a_bounded_number_of_pixels_and_the_metrics_do_not_change",)),
+    Mutation("split-in-memory-whatever-the-memory", "Your own images", "prepared.py",
+             "if free is None or nbytes <= free / 2:", "if True:",
+             (f"{M}::test_a_split_larger_than_half_the_available_memory_stays_on_disk",)),
     # ---- resume and the run folder
     Mutation("resume-forgets-rng", "Command line", "train.py",
              "        restore_rng(resume_from, device)\n    model.train()", "        pass\n    model.train()",
@@ -176,6 +195,9 @@ MUTATIONS = [
     Mutation("resume-takes-the-new-variance", "Command line", "train.py",
              'variance = resume_from["data_variance"]', "variance = data.variance",
              (f"{PR}::test_a_resumed_run_keeps_the_variance_it_started_with",)),
+    Mutation("resume-computes-the-variance", "Command line", "train.py",
+             "    start_step, elapsed = 0, 0.0\n", "    start_step, elapsed, _ = 0, 0.0, data.variance\n",
+             (f"{M}::test_resume_evaluate_and_extract_codes_take_the_checkpoints_variance",)),
     Mutation("resume-ignores-image-size", "Command line", "checkpoint.py",
              '(*MODEL_FIELDS, "data", "image_size", "batch_size", "seed")',
              '(*MODEL_FIELDS, "data", "batch_size", "seed")',

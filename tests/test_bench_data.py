@@ -96,3 +96,28 @@ def test_a_cpu_report_has_one_end_to_end_floor():
     r = results()
     r["end_to_end"] = r["end_to_end"][:1]
     assert len(bench_data.floors(r)) == 3 and "128x128" not in bench_data.summary(r)
+
+
+def test_peak_rss_is_the_largest_process_of_the_command(tmp_path):
+    """A child that holds 200 MiB at its peak (and a parent that holds little): 200 MiB plus Python's own."""
+    import sys
+    script = "import multiprocessing as m, sys\n" \
+             "def hold(): b = b'x' * (200 * 2**20)\n" \
+             "if __name__ == '__main__':\n" \
+             "    p = m.get_context('spawn').Process(target=hold); p.start(); p.join(); sys.exit(p.exitcode)\n"
+    (tmp_path / "hold.py").write_text(script)
+    mb = bench_data.peak_rss_mb([sys.executable, "hold.py"], tmp_path)
+    assert 200 <= mb < 200 + 100
+    with pytest.raises(RuntimeError, match="failed"):
+        bench_data.peak_rss_mb([sys.executable, "-c", "import sys; sys.exit(3)"], tmp_path)
+
+
+def test_the_memory_report_puts_before_beside_after():
+    results = {"machine": "m", "device": "cpu", "copy": {"images": 100}, "before_label": "commit abc",
+               "memory": [{"size": 64, "train_mb": 1300.0, "evaluate_mb": 1310.4},
+                          {"size": 256, "train_mb": 2500.0, "evaluate_mb": 2100.0}],
+               "before": [{"size": 64, "train_mb": 1745.0, "evaluate_mb": 1755.0},
+                          {"size": 256, "train_mb": 7400.0, "evaluate_mb": 7300.0}]}
+    text = bench_data.memory_report(results)
+    assert "| 64x64 | 1745 | 1300 | 1755 | 1310 |" in text and "| 256x256 | 7400 | 2500 | 7300 | 2100 |" in text
+    assert "75 training, 25 validation" in text and "At 256x256: train.py 2500 MiB, evaluate.py 2100 MiB" in text

@@ -22,7 +22,7 @@ TINY = dict(hidden_channels=8, residual_channels=4, num_residual_blocks=1, embed
 
 @pytest.fixture(scope="module")
 def runs_made(tmp_path_factory):
-    """A 1-level run at 16 px and a 2-level run at 32 px, a few steps each (enough to leave [0, 1] unclamped)."""
+    """A 1-level run at 16 px and a 2-level run at 32 px, a few steps each."""
     base = tmp_path_factory.mktemp("load_model")
     one = Config(**TINY, image_size=16, steps=6, eval_every=6, out=str(base / "one"))
     two = Config(**TINY, image_size=32, steps=6, eval_every=6, levels=2, out=str(base / "two"))
@@ -53,12 +53,14 @@ def test_encode_images_takes_0_1_images_and_decode_images_returns_them_clamped(r
     for got, want in zip(maps, expected if levels == 2 else (expected,)):
         assert torch.equal(got, want)
     assert [m.shape[-1] for m in maps] == ([size // 8, size // 4] if levels == 2 else [size // 4])
+    # a decoder that overshoots [0, 1] on both sides: a ramp from -1 to 1 across the columns added to its output
+    model.decoder.register_forward_hook(lambda module, inputs, out: out + torch.linspace(-1, 1, out.shape[-1]))
     images = model.decode_images(codes)
     raw = model.decode(codes).float() + 0.5
     assert images.shape == x.shape and images.dtype == torch.float32
     assert torch.equal(images, raw.clamp(0, 1))
     assert images.min() >= 0 and images.max() <= 1
-    assert ((raw < 0) | (raw > 1)).any(), "the tiny model's output never left [0, 1]: the clamp went unchecked"
+    assert (raw < 0).any() and (raw > 1).any(), "the output never left [0, 1]: the clamp went unchecked"
 
 
 def test_encode_images_rejects_what_it_cannot_take(runs_made):

@@ -51,8 +51,9 @@ def test_no_import_circles():
 def test_runs_and_checkpoint_sit_below_every_script():
     assert repo_imports("runs") == set()
     assert repo_imports("checkpoint") <= {"runs", "models", "hierarchy"}
-    assert repo_imports("hierarchy") <= {"models"}
+    assert repo_imports("hierarchy") <= {"models", "pixels"}
     assert repo_imports("codebook") == set()          # the quantizers' tools, below models
+    assert repo_imports("pixels") == set()            # the pixel scale, below both models
     for script in ("evaluate", "extract_codes", "sample", "evaluate_prior", "train_prior", "bench_report"):
         assert "train" not in repo_imports(script), f"{script}.py imports the training loop"
     assert "bench" not in repo_imports("ablation")

@@ -437,6 +437,11 @@ def test_bits_per_dim_report_adds_the_two_terms(pipeline, capsys):
     assert r["decoder_nats_per_image"] == pytest.approx(decoder_nats_by_hand(model, val, r["decoder_sigma"]),
                                                         rel=1e-6)
     assert r["sampling"]["num"] == 16 and r["sampling"]["median_s"] > 0
+    # the figures printed, without a verdict: the % below the unigram baseline, the sampling time
+    assert r["reduction_vs_unigram"] == pytest.approx(1 - r["prior_nats_per_code"] / r["unigram_nats_per_code"])
+    assert f"PixelCNN vs unigram: {r['reduction_vs_unigram']:.1%} lower\n" in out
+    assert f"median {r['sampling']['median_s']:.2f} s of 1 runs\n" in out
+    assert not {"PASS", "FAIL", "floor"} & set(out.replace(":", " ").replace("(", " ").split())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -338,6 +338,9 @@ def test_evaluate_prior_reports_each_level_and_the_image(levels2, capsys):
     assert r["unigram_nats_per_image"] == pytest.approx(per_image)
     assert r["prior_nats_per_image"] == pytest.approx((nll[0] + nll[1]).mean().item(), rel=1e-5)
     assert r["reduction_vs_unigram"] == pytest.approx(1 - r["prior_nats_per_image"] / per_image, rel=1e-5)
+    assert (f"PixelCNN {r['prior_nats_per_image']:.2f} nats, unigram {per_image:.2f} nats: "
+            f"{1 - (nll[0] + nll[1]).mean().item() / per_image:.1%} lower\n") in out          # the figures, no verdict
+    assert not {"PASS", "FAIL", "floor"} & set(out.replace(":", " ").replace("(", " ").split())
     dims = 3 * 32 * 32
     assert r["bpd_prior_term"]["uniform"] == pytest.approx((16 * math.log(4) + 64 * math.log(8)) / (dims * math.log(2)))
     assert r["bpd_prior_term"]["pixelcnn"] == pytest.approx(r["prior_nats_per_image"] / (dims * math.log(2)))

@@ -5,8 +5,9 @@
     python train.py --out runs/photos --resume        # continue a run from its checkpoint
 
 Everything is configured by one dataclass, `Config` (in checkpoint.py, beside the checkpoint it is saved in); the
-command-line flags are its fields with dashes. The notebook calls the same `train(config)` function. The run folder
-(`--out`) receives:
+command-line flags are its fields with dashes. The notebook calls the same `train(config)` function. What happens
+around each step (records, validation, checkpoints, stopping on Ctrl-C, SIGTERM or a non-finite loss) is
+training_loop.run_steps, shared with train_prior.py. The run folder (`--out`) receives:
 
 - config.json: the config of the run;
 - metrics.jsonl: one JSON object per logged step (training losses; `val_*` fields when validation ran);

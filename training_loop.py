@@ -47,12 +47,12 @@ class Cadence(NamedTuple):
 class Hooks(NamedTuple):
     """A trainer's own parts of the loop."""
 
-    step: Callable[[int], torch.Tensor]            # one optimizer step from `step` -> its numbers (n,), loss first
-    fields: Callable[[list[float]], dict]          # mean numbers since the last record -> the record's fields
-    postfix: Callable[[list[float]], dict]         # the same -> the progress bar's postfix
-    validate: Callable[[], dict]                   # -> validation metrics
-    validated: Callable[[int, dict, dict], str | None]   # (step, validation metrics, record) -> a line to print
-    checkpoint: Callable[[int, dict, float], None]  # (step, last validation metrics, training seconds): save
+    step: Callable[[int], torch.Tensor]                 # one optimizer step from `step` -> its numbers (n,), loss first
+    fields: Callable[[list[float]], dict]               # mean numbers since the last record -> the record's fields
+    postfix: Callable[[list[float]], dict]              # the same -> the progress bar's postfix
+    validate: Callable[[], dict]                        # -> validation metrics
+    validated: Callable[[int, dict, dict], str | None]  # (step, validation metrics, record) -> a line to print
+    checkpoint: Callable[[int, dict, float], None]      # (step, last validation metrics, training seconds): save
 
 
 def looked_at(pending: list[torch.Tensor], stop: StopOnSignal, procs: Processes, device: torch.device,

@@ -8,13 +8,15 @@ evaluate_prior.py, the notebook) without the training loop (train.py):
 - `save_checkpoint` / `read_checkpoint` / `load_checkpoint`: model, optimizer, step, RNG state, data variance and
   config in one file, written atomically and loaded with torch.load(..., weights_only=True), so a file that carries
   code is refused unread; `load_checkpoint(path)` rebuilds the model from the file alone;
-- `load_model(path)`: that model alone, ready for `encode_images` / `decode_images` in your own code.
+- `load_model(path)`: that model alone, ready for `encode_images` / `decode_images` in your own code;
+- `load_vqvae_for(prior_ckpt)`: the VQ-VAE a prior checkpoint names (the decoder of its codes), checked against it.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -274,3 +276,29 @@ def check_resume_matches(saved: Config, current: Config, path: Path) -> None:
         if getattr(saved, name) != getattr(current, name):
             raise CheckpointError(f"{path} was trained with --{name.replace('_', '-')} {getattr(saved, name)}, "
                                   f"not {getattr(current, name)}: resume with the same value or use another --out")
+
+
+def load_vqvae_for(prior_ckpt: dict, device: torch.device, override: str | None = None) -> VQVAE | VQVAE2:
+    """The VQ-VAE whose codes the prior models (or `override`), in eval mode; its number of levels and its codebook
+    size must match the prior's."""
+    named = prior_ckpt["vqvae"]["checkpoint"]
+    path = Path(override).expanduser() if override else Path(named)
+    if not path.is_file():
+        hint = "" if override else ": it has moved or was deleted; pass --vqvae with its checkpoint.pt"
+        raise CheckpointError(f"the VQ-VAE checkpoint {path} does not exist{hint}")
+    vqvae, _, ckpt = load_checkpoint(path, device)
+    levels = prior_ckpt.get("levels", 1)   # prior_checkpoint.prior_levels: 1 in checkpoints from before 2 levels
+    if vqvae.levels != levels:
+        raise CheckpointError(f"{path} is a {vqvae.levels}-level VQ-VAE but the prior models {levels}-level codes: "
+                              f"pass --vqvae with the checkpoint.pt of a {levels}-level VQ-VAE (train.py --levels "
+                              f"{levels}), the one the prior was trained on ({named})")
+    args = prior_ckpt["model_args"]
+    prior_ks = [args.get("top_num_embeddings") or args["num_embeddings"], args["num_embeddings"]][-levels:]
+    vqvae_ks = [q.num_embeddings for q in vqvae.quantizers]   # top first
+    if vqvae_ks != prior_ks:
+        raise CheckpointError(f"{path} has {' and '.join(map(str, vqvae_ks))} codes but the prior models "
+                              f"{' and '.join(map(str, prior_ks))}: pass the VQ-VAE the prior was trained on ({named})")
+    if ckpt["config"] != prior_ckpt["vqvae"]["config"] or ckpt["step"] != prior_ckpt["vqvae"]["step"]:
+        warnings.warn(f"{path} is not the VQ-VAE the prior was trained on ({named}, step "
+                      f"{prior_ckpt['vqvae']['step']}): the samples may not look like its images", stacklevel=2)
+    return vqvae

@@ -10,7 +10,8 @@ The method, step by step:
 2. Unigram baseline: p_uni(k) = (n_k + 1) / (N + K), the codes' own frequencies counted over the TRAINING maps
    (add-one smoothing, so a code never seen in training keeps a non-zero probability), evaluated as a cross-entropy
    on the VALIDATION codes, -mean_ij log p_uni(z_ij). For reference the entropy of the validation codes' own
-   frequencies is printed too: no position-independent model does better on them, even one fitted to them.
+   frequencies is printed too: no position-independent model does better on them, even one fitted to them. The
+   report gives how far the prior's NLL lies below the unigram baseline, in % (`reduction_vs_unigram`).
 3. Bits per dimension. An image x has D = 3 * H * W dimensions of 256 levels; z = encode(x) is its code map. Since
    p(x) = sum_z' p(x | z') p(z') >= p(x | z) p(z), which is the ELBO of section 3.2 with the encoder's one-hot
    posterior (entropy zero),
@@ -46,12 +47,12 @@ import warnings
 import torch
 from torch import Tensor
 
-from checkpoint import config_from_dict
+from checkpoint import config_from_dict, load_vqvae_for
 from extract_codes import read_codes
 from image_data import build_data, eval_loader
+from prior_checkpoint import (class_labels, code_levels, level_maps, load_prior, nll_metrics, nll_per_level,
+                              nll_per_map, prior_levels)
 from runs import CheckpointError, pick_device, require_at_least, run_cli, script_parser
-from sample import class_labels, load_vqvae_for
-from train_prior import code_levels, level_maps, load_prior, nll_metrics, nll_per_level, nll_per_map, prior_levels
 
 # ---------------------------------------------------------------------------------------------------------------
 # Unigram baseline
@@ -305,8 +306,7 @@ def print_levels(r: dict) -> None:
         nats = [r[level][f"{key}_nats_per_code"] for level in ("top", "bottom")]
         print(f"  {name:34s} {nats[0]:13.4f}  {nats[1]:16.4f}")
     print(f"per image, both levels: PixelCNN {r['prior_nats_per_image']:.2f} nats, unigram "
-          f"{r['unigram_nats_per_image']:.2f} nats: {r['reduction_vs_unigram']:.1%} lower (floor: 25%) -> "
-          f"{'PASS' if r['reduction_vs_unigram'] >= 0.25 else 'FAIL'}")
+          f"{r['unigram_nats_per_image']:.2f} nats: {r['reduction_vs_unigram']:.1%} lower")
 
 
 def print_report(r: dict) -> None:
@@ -319,8 +319,7 @@ def print_report(r: dict) -> None:
         for name, key in ROWS:
             nats = r[f"{key}_nats_per_code"]
             print(f"  {name:34s} {nats:9.4f}  {nats / math.log(2):9.4f}")
-        print(f"PixelCNN vs unigram: {r['reduction_vs_unigram']:.1%} lower (floor: 25%) -> "
-              f"{'PASS' if r['reduction_vs_unigram'] >= 0.25 else 'FAIL'}")
+        print(f"PixelCNN vs unigram: {r['reduction_vs_unigram']:.1%} lower")
     if "bits_per_dim_bound" in r:
         print(f"decoder term: discretised Gaussian, sigma = {r['decoder_sigma']:.3f} levels (fitted on "
               f"{r['sigma_fit_images']} training images): {r['decoder_bits_per_dim']:.4f} bits/dim")
@@ -334,8 +333,7 @@ def print_report(r: dict) -> None:
         where = "cpu (one thread, as sample() runs there)" if s["device"] == "cpu" else s["device"]
         maps = "bottom maps (with their top maps)" if r.get("levels", 1) == 2 else "maps"
         print(f"sampling {s['num']} {maps} of {s['shape'][0]}x{s['shape'][1]} on {where}: "
-              f"median {s['median_s']:.2f} s of {len(s['times_s'])} runs (floor: 10 s) -> "
-              f"{'PASS' if s['median_s'] < 10 else 'FAIL'}")
+              f"median {s['median_s']:.2f} s of {len(s['times_s'])} runs")
 
 
 def main(argv: list[str] | None = None) -> int:

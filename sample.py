@@ -3,11 +3,11 @@
     python sample.py --checkpoint runs/sample-prior/checkpoint.pt --num 16 --out samples.png
     python sample.py --checkpoint runs/food-prior/checkpoint.pt --class pizza --temperature 0.9 --seed 3
 
-The prior is rebuilt from its checkpoint alone (`train_prior.load_prior`), and the VQ-VAE from the checkpoint the
-prior names (`--vqvae` points elsewhere if it has moved). Codes are drawn position by position in raster order from
-softmax(logits / temperature); the same --seed on the same device gives the same images. For a class-conditional
-prior, --class picks the class (its name or index); without it the samples go through the classes in turn.
-The images are written as one PNG grid, `--nrow` per row.
+The prior is rebuilt from its checkpoint alone (`prior_checkpoint.load_prior`), and the VQ-VAE from the checkpoint
+the prior names (`checkpoint.load_vqvae_for`; `--vqvae` points elsewhere if it has moved). Codes are drawn position
+by position in raster order from softmax(logits / temperature); the same --seed on the same device gives the same
+images. For a class-conditional prior, --class picks the class (its name or index; `prior_checkpoint.class_labels`);
+without it the samples go through the classes in turn. The images are written as one PNG grid, `--nrow` per row.
 
 A 2-level prior (train_prior.py on the codes of a `--levels 2` VQ-VAE; arXiv 1906.00446) draws the top map first,
 then the bottom map given it, both at --temperature and for the same --class, and the VQ-VAE-2 decodes the pair,
@@ -19,62 +19,15 @@ import argparse
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-from checkpoint import load_checkpoint
+from checkpoint import load_vqvae_for
 from hierarchy import VQVAE2
 from models import VQVAE
-from runs import (CheckpointError, ConfigError, atomic_write, pick_device, require_at_least, require_positive, run_cli,
-                  script_parser)
-from train_prior import Prior, load_prior, prior_levels
-
-
-def load_vqvae_for(prior_ckpt: dict, device: torch.device, override: str | None = None) -> VQVAE | VQVAE2:
-    """The VQ-VAE whose codes the prior models (or `override`), in eval mode; its number of levels and its codebook
-    size must match the prior's."""
-    named = prior_ckpt["vqvae"]["checkpoint"]
-    path = Path(override).expanduser() if override else Path(named)
-    if not path.is_file():
-        hint = "" if override else ": it has moved or was deleted; pass --vqvae with its checkpoint.pt"
-        raise CheckpointError(f"the VQ-VAE checkpoint {path} does not exist{hint}")
-    vqvae, _, ckpt = load_checkpoint(path, device)
-    levels = prior_levels(prior_ckpt)
-    if vqvae.levels != levels:
-        raise CheckpointError(f"{path} is a {vqvae.levels}-level VQ-VAE but the prior models {levels}-level codes: "
-                              f"pass --vqvae with the checkpoint.pt of a {levels}-level VQ-VAE (train.py --levels "
-                              f"{levels}), the one the prior was trained on ({named})")
-    args = prior_ckpt["model_args"]
-    prior_ks = [args.get("top_num_embeddings") or args["num_embeddings"], args["num_embeddings"]][-levels:]
-    vqvae_ks = [q.num_embeddings for q in vqvae.quantizers]   # top first
-    if vqvae_ks != prior_ks:
-        raise CheckpointError(f"{path} has {' and '.join(map(str, vqvae_ks))} codes but the prior models "
-                              f"{' and '.join(map(str, prior_ks))}: pass the VQ-VAE the prior was trained on ({named})")
-    if ckpt["config"] != prior_ckpt["vqvae"]["config"] or ckpt["step"] != prior_ckpt["vqvae"]["step"]:
-        warnings.warn(f"{path} is not the VQ-VAE the prior was trained on ({named}, step "
-                      f"{prior_ckpt['vqvae']['step']}): the samples may not look like its images", stacklevel=2)
-    return vqvae
-
-
-def class_labels(choice: str | None, classes: list[str], num: int, conditional: bool) -> torch.Tensor | None:
-    """(num,) labels for a conditional prior: `choice` (a class name or index) for all, or 0, 1, 2, ... in turn;
-    None for an unconditional prior (where a `choice` is an error)."""
-    if not conditional:
-        if choice is not None:
-            raise ConfigError("--class was given but this prior is not class-conditional "
-                              "(its codes file has no classes, or it was trained with --no-conditional)")
-        return None
-    if choice is None:
-        return torch.arange(num) % len(classes)
-    if choice in classes:
-        return torch.full((num,), classes.index(choice))
-    if choice.lstrip("-").isdigit() and 0 <= int(choice) < len(classes):
-        return torch.full((num,), int(choice))
-    shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
-    raise ConfigError(f"--class {choice!r} is neither a class name ({shown}) nor an index from 0 to "
-                      f"{len(classes) - 1}")
+from prior_checkpoint import Prior, class_labels, load_prior
+from runs import ConfigError, atomic_write, pick_device, require_at_least, require_positive, run_cli, script_parser
 
 
 @torch.no_grad()

@@ -5,8 +5,9 @@
     python train.py --out runs/photos --resume        # continue a run from its checkpoint
 
 Everything is configured by one dataclass, `Config` (in checkpoint.py, beside the checkpoint it is saved in); the
-command-line flags are its fields with dashes. The notebook calls the same `train(config)` function. The run folder
-(`--out`) receives:
+command-line flags are its fields with dashes. The notebook calls the same `train(config)` function. What happens
+around each step (records, validation, checkpoints, stopping on Ctrl-C, SIGTERM or a non-finite loss) is
+training_loop.run_steps, shared with train_prior.py. The run folder (`--out`) receives:
 
 - config.json: the config of the run;
 - metrics.jsonl: one JSON object per logged step (training losses; `val_*` fields when validation ran);
@@ -26,10 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import sys
-import time
-from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -38,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 
 from checkpoint import (Config, build_model, check_config, check_resume_matches, config_from_dict,
                         learning_rate, read_checkpoint, save_checkpoint)
@@ -46,9 +44,10 @@ from evaluate import evaluate
 from device_data import device_batches, fits_on_device
 from image_data import DataSplits, batches, build_data, default_workers, eval_loader, sample_validation_parts
 from models import VQVAE
-from runs import (TENSORBOARD_FILES, Interrupted, MetricsLog, Processes, StopOnSignal, amp_dtype_for, atomic_write,
-                  autocast, deterministic_algorithms, init_processes, make_optimizer, open_run_folder, parse_args,
-                  pick_device, restore_rng, restore_training, run_training_cli, use_channels_last)
+from runs import (TENSORBOARD_FILES, MetricsLog, Processes, amp_dtype_for, atomic_write, autocast,
+                  deterministic_algorithms, init_processes, make_optimizer, open_run_folder, parse_args, pick_device,
+                  restore_rng, restore_training, run_training_cli, use_channels_last)
+from training_loop import Cadence, Hooks, run_steps
 
 
 class TrainResult(NamedTuple):
@@ -107,6 +106,78 @@ def say_if_processes_changed(ckpt: dict, c: Config, procs: Processes, out: Path)
               f"the batches differ from here on", flush=True)
 
 
+def model_and_optimizer(c: Config, device: torch.device, channels_last: bool, resume_from: dict | None
+                        ) -> tuple[VQVAE, torch.optim.Optimizer]:
+    """The model the config describes on `device` (channels-last if asked) and its optimizer, both with the state
+    of `resume_from` when resuming (the optimizer's moments take this run's memory layout)."""
+    model = build_model(c).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model.parameters(), c.lr, device)
+    if resume_from is not None:
+        restore_training(model, optimizer, resume_from)
+    return model, optimizer
+
+
+def wrap_for_training(model: VQVAE, c: Config, procs: Processes, device: torch.device) -> torch.nn.Module:
+    """What the training step calls: the model, in DistributedDataParallel under torchrun, compiled with
+    --compile."""
+    wrapped = model
+    if procs.world > 1:   # the quantizer keeps its own buffers in step, so DDP need not broadcast them
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          forward_sync_buffers=False)
+    return torch.compile(wrapped, mode=c.compile_mode) if c.compile else wrapped
+
+
+def training_batches(train, c: Config, device: torch.device, start_step: int, procs: Processes, workers: int):
+    """This process's share of every step's batch from `start_step` on: drawn and flipped on the GPU from (seed,
+    step) when the split is kept there (`keep_on_device`), else by DataLoader workers."""
+    if keep_on_device(train, device, c.device_data):
+        return device_batches(train, device, c.batch_size, c.seed, start_step, procs.world, procs.rank)
+    return batches(train, c.batch_size, c.seed, start_step, workers, device.type == "cuda", procs.world, procs.rank)
+
+
+def validation_loaders(val, c: Config, procs: Processes, workers: int, pin: bool
+                       ) -> tuple[DataLoader, dict[str, DataLoader]]:
+    """This process's share of the validation split, and of each of its parts: for the sample its unseen photos
+    and held-out strips, each also on its own (val_unseen_*, val_strips_*)."""
+    def share(part):
+        return part if procs.world == 1 else Subset(part, range(procs.rank, len(part), procs.world))
+
+    parts = sample_validation_parts(val) if c.data == "sample" else {}
+    return (eval_loader(share(val), max(c.batch_size, 64), workers, pin),
+            {name: eval_loader(share(part), 64) for name, part in parts.items()})
+
+
+def validate(model: VQVAE, loader: DataLoader, part_loaders: dict[str, DataLoader], device: torch.device,
+             amp_dtype: torch.dtype | None, channels_last: bool) -> dict:
+    """evaluate.evaluate on the validation split, with PSNR, SSIM and codebook usage of each of its parts
+    (`{part}_psnr`, ...)."""
+    metrics = evaluate(model, loader, device, amp_dtype, channels_last)
+    for name, part_loader in part_loaders.items():
+        part = evaluate(model, part_loader, device, amp_dtype, channels_last)
+        metrics.update({f"{name}_{key}": part[key] for key in ("psnr", "ssim", "codebook_usage")})
+    return metrics
+
+
+def record_fields(means: list[float], model: VQVAE) -> dict:
+    """A metrics record's training fields from the mean loss, reconstruction loss, commitment loss and perplexity
+    since the last record, with the codebook restarts so far."""
+    return {"loss": means[0], "recon_loss": means[1], "commitment_loss": means[2], "perplexity": means[3],
+            "restarts": sum(int(getattr(q, "restarts", torch.zeros(())).item()) for q in model.quantizers)}
+
+
+def progress_postfix(means: list[float]) -> dict:
+    return {"loss": f"{means[0]:.3f}", "recon": f"{means[1]:.3f}", "perplexity": f"{means[3]:.0f}"}
+
+
+def validation_line(step: int, final: dict, restarts: int) -> str:
+    unseen = (f" (unseen photos {final['unseen_psnr']:.2f} dB, SSIM {final['unseen_ssim']:.3f})"
+              if "unseen_psnr" in final else "")
+    return (f"step {step}: val PSNR {final['psnr']:.2f} dB{unseen}, SSIM {final['ssim']:.3f}, codebook usage "
+            f"{final['codebook_usage']:.1%}, perplexity {final['perplexity']:.1f}, restarts {restarts}")
+
+
 def train(config: Config, callback: Callable[[dict], None] | None = None) -> TrainResult:
     """Train a VQ-VAE as `config` says; `callback(record)` sees every metrics record as it is written.
 
@@ -130,158 +201,74 @@ def train(config: Config, callback: Callable[[dict], None] | None = None) -> Tra
 
 def _train(c: Config, procs: Processes, device: torch.device, callback: Callable[[dict], None] | None
            ) -> TrainResult:
-    from tqdm.auto import tqdm
-
+    # set-up: precision, the run folder, the data, the model and its optimizer (restored when resuming)
     amp_dtype = amp_dtype_for(c.amp, device)
     channels_last = use_channels_last(device, amp_dtype)
     out, resume_from = prepare_out(c, procs.main)
     torch.manual_seed(c.seed)
-
     workers = default_workers() if c.num_workers < 0 else c.num_workers
     data: DataSplits = build_data(c.data, c.image_size, c.data_root, c.download, c.val_fraction,
                                   num_workers=workers, prepared_dir=c.prepared_dir)
-    model = build_model(c).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model.parameters(), c.lr, device)
+    model, optimizer = model_and_optimizer(c, device, channels_last, resume_from)
     start_step, elapsed = 0, 0.0
     # a resumed run divides by the variance it started with, from its checkpoint (and never computes it again)
     variance = resume_from["data_variance"] if resume_from is not None else data.variance
     if resume_from is not None:
-        restore_training(model, optimizer, resume_from)   # moments take this run's memory layout
         start_step, elapsed = resume_from["step"], resume_from["elapsed"]
         say_if_processes_changed(resume_from, c, procs, out)
     metrics = MetricsLog(out, start_step, resume_from is not None, c.tensorboard, callback, enabled=procs.main)
     if procs.main:
         (out / "config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
+    forward = wrap_for_training(model, c, procs, device)
 
-    wrapped = model
-    if procs.world > 1:   # the quantizer keeps its own buffers in step, so DDP need not broadcast them
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          forward_sync_buffers=False)
-    forward = torch.compile(wrapped, mode=c.compile_mode) if c.compile else wrapped
-    ctx = autocast(device, amp_dtype)
-    pin = device.type == "cuda"
-    if keep_on_device(data.train, device, c.device_data):   # drawn and flipped on the GPU, from (seed, step)
-        train_batches = device_batches(data.train, device, c.batch_size, c.seed, start_step, procs.world,
-                                       procs.rank)
-    else:
-        train_batches = batches(data.train, c.batch_size, c.seed, start_step, workers, pin, procs.world,
-                                procs.rank)
-    val_share = data.val if procs.world == 1 else Subset(data.val, range(procs.rank, len(data.val), procs.world))
-    val_loader = eval_loader(val_share, max(c.batch_size, 64), workers, pin)
-    # the sample's unseen photos and held-out strips, each also on its own (val_unseen_*, val_strips_*)
-    part_loaders = {name: eval_loader(part if procs.world == 1 else Subset(part, range(procs.rank, len(part),
-                                                                                        procs.world)), 64)
-                    for name, part in (sample_validation_parts(data.val).items() if c.data == "sample" else ())}
+    # data: this process's batches from the step the run is at, its share of the validation images, the preview
+    train_batches = training_batches(data.train, c, device, start_step, procs, workers)
+    val_loader, part_loaders = validation_loaders(data.val, c, procs, workers, device.type == "cuda")
     preview = next(iter(eval_loader(data.val, 8)))[0]
 
-    def validate() -> dict:
-        metrics = evaluate(model, val_loader, device, amp_dtype, channels_last)
-        for name, loader in part_loaders.items():
-            part = evaluate(model, loader, device, amp_dtype, channels_last)
-            metrics.update({f"{name}_{key}": part[key] for key in ("psnr", "ssim", "codebook_usage")})
-        return metrics
+    # the loop (training_loop.run_steps): one step, then what to show and save
+    def train_step(step: int) -> torch.Tensor:
+        images, _ = next(train_batches)
+        x = images.to(device, non_blocking=True).float().div_(255).sub_(0.5)   # (B, 3, H, W) in [-0.5, 0.5]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            out_ = forward(x)
+            reconstruction_loss = F.mse_loss(out_.reconstruction.float(), x) / variance
+            loss = reconstruction_loss + out_.vq.loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if c.clip_grad_norm:   # after DDP's all-reduce, so every process scales by the same factor
+            torch.nn.utils.clip_grad_norm_(model.parameters(), c.clip_grad_norm)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(c, step)
+        optimizer.step()
+        return torch.stack([loss, reconstruction_loss, out_.vq.commitment_loss, out_.vq.perplexity]).detach().float()
 
-    def checkpoint(step: int, metrics: dict | None = None) -> None:
+    def validated(step: int, final: dict, record: dict) -> str | None:
         if procs.main:
-            save_checkpoint(out / "checkpoint.pt", model, optimizer, step, c, variance, elapsed, metrics, device,
+            grid = save_reconstructions(model, preview, out / "reconstructions.png", device, amp_dtype)
+            metrics.image("val/reconstructions", grid, step)
+            return validation_line(step, final, record["restarts"])
+
+    def checkpoint(step: int, final: dict, elapsed: float) -> None:
+        if procs.main:
+            save_checkpoint(out / "checkpoint.pt", model, optimizer, step, c, variance, elapsed, final, device,
                             procs.world)
 
-    final: dict = dict(resume_from["metrics"]) if resume_from is not None else {}
-    if start_step >= c.steps and procs.main:
-        print(f"{out} is already at step {start_step} of {c.steps}: raise --steps to train further")
-    bar = tqdm(total=c.steps, initial=start_step, desc="training", disable=not (c.progress and procs.main),
-               dynamic_ncols=True)
-    checkpoint_every = c.checkpoint_every or c.eval_every
-    sums = torch.zeros(4, dtype=torch.float64)   # loss, reconstruction loss, commitment loss, perplexity
-    pending: list[torch.Tensor] = []
-    since_log, tick = 0, time.perf_counter()
     if resume_from is not None:   # restored last, so that nothing above draws from the resumed random stream
         restore_rng(resume_from, device)
     model.train()
-    step = start_step
-    with StopOnSignal() as stop, closing(metrics):
-        while step < c.steps:
-            images, _ = next(train_batches)
-            x = images.to(device, non_blocking=True).float().div_(255).sub_(0.5)   # (B, 3, H, W) in [-0.5, 0.5]
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with ctx:
-                out_ = forward(x)
-                reconstruction_loss = F.mse_loss(out_.reconstruction.float(), x) / variance
-                loss = reconstruction_loss + out_.vq.loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if c.clip_grad_norm:   # after DDP's all-reduce, so every process scales by the same factor
-                torch.nn.utils.clip_grad_norm_(model.parameters(), c.clip_grad_norm)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(c, step)
-            optimizer.step()
-            step += 1
-            since_log += 1
-            # keep the per-step numbers on the device and look at them every 10 steps (no GPU sync every step)
-            pending.append(torch.stack([loss, reconstruction_loss, out_.vq.commitment_loss,
-                                        out_.vq.perplexity]).detach().float())
-            bar.update(1)
-            evaluate_now = step % c.eval_every == 0 or step == c.steps
-            log_now = step % c.log_every == 0 or evaluate_now
-            checkpoint_now = step % checkpoint_every == 0 or step == c.steps
-            stop_now = stop.signum is not None
-            # a checkpoint is written only after this step's loss was seen to be finite
-            if len(pending) == 10 or log_now or checkpoint_now or procs.world == 1 and stop_now:
-                block = torch.stack(pending)                                  # (steps, 4)
-                if procs.world > 1:   # average over processes; stop everywhere if any process was signalled
-                    dist.all_reduce(block)
-                    block /= procs.world
-                    flag = torch.tensor([stop.signum or 0], device=device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    stop.signum = int(flag.item()) or None
-                block = block.double().cpu()
-                bad = (~torch.isfinite(block[:, 0])).nonzero()
-                if len(bad):
-                    raise FloatingPointError(f"the loss became {block[bad[0, 0], 0].item()} at step "
-                                             f"{step - len(block) + 1 + bad[0, 0].item()}")
-                sums += block.sum(0)
-                pending.clear()
-                bar.set_postfix(loss=f"{sums[0].item() / since_log:.3f}",
-                                recon=f"{sums[1].item() / since_log:.3f}",
-                                perplexity=f"{sums[3].item() / since_log:.0f}", refresh=False)
-            if log_now:
-                now = time.perf_counter()
-                elapsed += now - tick
-                record = {"step": step, "loss": sums[0].item() / since_log,
-                          "recon_loss": sums[1].item() / since_log, "commitment_loss": sums[2].item() / since_log,
-                          "perplexity": sums[3].item() / since_log,
-                          "restarts": sum(int(getattr(q, "restarts", torch.zeros(())).item())
-                                          for q in model.quantizers),
-                          "images_per_s": since_log * c.batch_size * procs.world / max(now - tick, 1e-9),
-                          "elapsed_s": round(elapsed, 2)}
-                if evaluate_now:
-                    final = validate()
-                    record.update({f"val_{k}": v for k, v in final.items()})
-                    if procs.main:
-                        grid = save_reconstructions(model, preview, out / "reconstructions.png", device, amp_dtype)
-                        metrics.image("val/reconstructions", grid, step)
-                        unseen = (f" (unseen photos {final['unseen_psnr']:.2f} dB, SSIM {final['unseen_ssim']:.3f})"
-                                  if "unseen_psnr" in final else "")
-                        bar.write(f"step {step}: val PSNR {final['psnr']:.2f} dB{unseen}, SSIM {final['ssim']:.3f}, "
-                                  f"codebook usage "
-                                  f"{final['codebook_usage']:.1%}, perplexity {final['perplexity']:.1f}, "
-                                  f"restarts {record['restarts']}")
-                metrics.log(record)
-                sums.zero_()
-                since_log, tick = 0, time.perf_counter()
-            if checkpoint_now:
-                checkpoint(step, final)
-            if stop.signum is not None and not pending:
-                bar.close()
-                checkpoint(step, final)
-                raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} at step {step}; checkpoint saved. "
-                                  f"Resume with: python train.py --out {out} --resume" if procs.main else "")
-    bar.close()
-    if not final:
-        final = validate()
+    hooks = Hooks(train_step, lambda means: record_fields(means, model), progress_postfix,
+                  lambda: validate(model, val_loader, part_loaders, device, amp_dtype, channels_last), validated,
+                  checkpoint)
+    final = run_steps(hooks, Cadence(c.steps, c.log_every, c.eval_every, c.checkpoint_every or c.eval_every), metrics,
+                      out, start_step=start_step, elapsed=elapsed,
+                      final=dict(resume_from["metrics"]) if resume_from is not None else {}, rate_key="images_per_s",
+                      items_per_step=c.batch_size * procs.world, resume_command=f"python train.py --out {out} --resume",
+                      desc="training", progress=c.progress, procs=procs, device=device)
+
+    # the end
     return TrainResult(model.eval(), metrics.history, final, out)
 
 

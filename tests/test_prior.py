@@ -18,14 +18,15 @@ from PIL import Image
 import checkpoint
 import evaluate_prior
 import extract_codes
+import prior_checkpoint
 import runs
 import sample
 import train
 import train_prior
 from image_data import build_data
 from prior import GatedPixelCNN
+from prior_checkpoint import PriorConfig
 from test_cli_errors import assert_clean_error, call_main, script   # the helpers of the train.py CLI tests
-from train_prior import PriorConfig
 
 # ---------------------------------------------------------------------------------------------------------------
 # Causality: the Jacobian of the logits with respect to the input embeddings, position by position
@@ -310,13 +311,13 @@ def test_the_vqvae_is_bit_identical_after_extraction_and_prior_training(pipeline
 def test_prior_checkpoint_round_trip(pipeline):
     result, path = pipeline["result"], pipeline["prior_ckpt"]
     ckpt = torch.load(path, weights_only=True)
-    assert ckpt["format"] == train_prior.CHECKPOINT_FORMAT and ckpt["step"] == 4
+    assert ckpt["format"] == prior_checkpoint.CHECKPOINT_FORMAT and ckpt["step"] == 4
     assert ckpt["config"] == asdict(pipeline["config"])
     assert ckpt["vqvae"]["checkpoint"] == str(pipeline["vqvae_ckpt"].resolve())
     assert ckpt["vqvae"]["config"]["num_embeddings"] == 16
     assert ckpt["map_shape"] == [4, 4] and ckpt["classes"] == ["cats", "dogs"]
     assert ckpt["model_args"]["num_classes"] == 2 and ckpt["model_args"]["num_embeddings"] == 16
-    model, config, _ = train_prior.load_prior(path)
+    model, config, _ = prior_checkpoint.load_prior(path)
     assert config == pipeline["config"] and not model.training
     for (k, a), (k2, b) in zip(result.model.state_dict().items(), model.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
@@ -339,9 +340,9 @@ def test_resume_continues_exactly(pipeline, tmp_path):
 
 
 def test_validation_nll_is_the_mean_cross_entropy(pipeline):
-    model, _, _ = train_prior.load_prior(pipeline["prior_ckpt"])
+    model, _, _ = prior_checkpoint.load_prior(pipeline["prior_ckpt"])
     codes, labels = pipeline["codes"]["val_codes"].long(), pipeline["codes"]["val_labels"]
-    nll = train_prior.nll_per_map(model, codes, labels, torch.device("cpu"), batch_size=3)
+    nll = prior_checkpoint.nll_per_map(model, codes, labels, torch.device("cpu"), batch_size=3)
     log_p = torch.log_softmax(model(codes, labels).double(), 1)                            # (N, K, h, w)
     by_hand = -log_p.gather(1, codes[:, None]).sum((1, 2, 3))
     assert torch.allclose(nll, by_hand, rtol=1e-5)
@@ -360,14 +361,14 @@ def test_sample_cli_writes_a_reproducible_grid(pipeline, tmp_path, capsys):
 
 
 def test_generate_decodes_with_the_named_vqvae(pipeline):
-    prior, _, ckpt = train_prior.load_prior(pipeline["prior_ckpt"])
-    vqvae = sample.load_vqvae_for(ckpt, torch.device("cpu"))
-    labels = sample.class_labels("1", ckpt["classes"], 3, True)
+    prior, _, ckpt = prior_checkpoint.load_prior(pipeline["prior_ckpt"])
+    vqvae = checkpoint.load_vqvae_for(ckpt, torch.device("cpu"))
+    labels = prior_checkpoint.class_labels("1", ckpt["classes"], 3, True)
     codes, images = sample.generate(prior, vqvae, 3, (4, 4), 1.0, labels, seed=7)
     assert torch.equal(labels, torch.tensor([1, 1, 1]))
     assert codes.shape == (3, 4, 4) and images.shape == (3, 3, 16, 16)
     assert torch.equal(images, (vqvae.decode(codes) + 0.5).clamp(0, 1))
-    assert torch.equal(sample.class_labels(None, ckpt["classes"], 5, True), torch.tensor([0, 1, 0, 1, 0]))
+    assert torch.equal(prior_checkpoint.class_labels(None, ckpt["classes"], 5, True), torch.tensor([0, 1, 0, 1, 0]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -436,6 +437,11 @@ def test_bits_per_dim_report_adds_the_two_terms(pipeline, capsys):
     assert r["decoder_nats_per_image"] == pytest.approx(decoder_nats_by_hand(model, val, r["decoder_sigma"]),
                                                         rel=1e-6)
     assert r["sampling"]["num"] == 16 and r["sampling"]["median_s"] > 0
+    # the figures printed, without a verdict: the % below the unigram baseline, the sampling time
+    assert r["reduction_vs_unigram"] == pytest.approx(1 - r["prior_nats_per_code"] / r["unigram_nats_per_code"])
+    assert f"PixelCNN vs unigram: {r['reduction_vs_unigram']:.1%} lower\n" in out
+    assert f"median {r['sampling']['median_s']:.2f} s of 1 runs\n" in out
+    assert not {"PASS", "FAIL", "floor"} & set(out.replace(":", " ").replace("(", " ").split())
 
 
 # ---------------------------------------------------------------------------------------------------------------

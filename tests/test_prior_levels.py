@@ -19,6 +19,7 @@ from PIL import Image
 import checkpoint
 import evaluate_prior
 import extract_codes
+import prior_checkpoint
 import sample
 import train_prior
 from hierarchical_prior import HierarchicalPrior
@@ -229,7 +230,7 @@ def test_two_level_run_writes_one_folder_and_resumes_exactly(tmp_path):
     ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert (ckpt["levels"], ckpt["map_shape"], ckpt["top_map_shape"], ckpt["step"]) == (2, [4, 4], [2, 2], 6)
     assert ckpt["model_args"]["attention"] and ckpt["model_args"]["cond_channels"] == 4
-    model, _, _ = train_prior.load_prior(tmp_path / "b" / "checkpoint.pt")
+    model, _, _ = prior_checkpoint.load_prior(tmp_path / "b" / "checkpoint.pt")
     assert isinstance(model, HierarchicalPrior) and model.top.attention is not None
     assert model.bottom.attention is None and model.num_classes == 2
 
@@ -300,7 +301,7 @@ def test_sample_draws_top_then_bottom_and_decodes_the_pair(levels2, tmp_path, ca
     assert call_main(sample.main, [*argv, "--out", tmp_path / "a.png"], capsys)[0] == 0
     assert call_main(sample.main, [*argv, "--out", tmp_path / "b.png", "--seed", 5], capsys)[0] == 0
     # independent: the same draw by hand, decoded with decode((top, bottom)), as torchvision writes it to uint8
-    prior, _, _ = train_prior.load_prior(levels2["prior"])
+    prior, _, _ = prior_checkpoint.load_prior(levels2["prior"])
     vqvae, _, _ = checkpoint.load_checkpoint(levels2["vq2"])
     top, bottom = prior.sample(3, (8, 8), 0.7, torch.full((3,), 1), torch.Generator().manual_seed(4))
     assert top.shape == (3, 4, 4) and bottom.shape == (3, 8, 8)
@@ -319,7 +320,7 @@ def test_evaluate_prior_reports_each_level_and_the_image(levels2, capsys):
     assert "bottom nats/code" in out and "per image, both levels" in out
     codes = torch.load(levels2["root"] / "codes.pt", weights_only=True)
     assert (codes["num_embeddings_top"], codes["num_embeddings"]) == (4, 8)
-    prior, _, _ = train_prior.load_prior(levels2["prior"])
+    prior, _, _ = prior_checkpoint.load_prior(levels2["prior"])
     top, bottom, labels = codes["val_codes_top"].long(), codes["val_codes"].long(), codes["val_labels"]
     with torch.no_grad():
         logits = prior(top, bottom, labels)
@@ -337,6 +338,9 @@ def test_evaluate_prior_reports_each_level_and_the_image(levels2, capsys):
     assert r["unigram_nats_per_image"] == pytest.approx(per_image)
     assert r["prior_nats_per_image"] == pytest.approx((nll[0] + nll[1]).mean().item(), rel=1e-5)
     assert r["reduction_vs_unigram"] == pytest.approx(1 - r["prior_nats_per_image"] / per_image, rel=1e-5)
+    assert (f"PixelCNN {r['prior_nats_per_image']:.2f} nats, unigram {per_image:.2f} nats: "
+            f"{1 - (nll[0] + nll[1]).mean().item() / per_image:.1%} lower\n") in out          # the figures, no verdict
+    assert not {"PASS", "FAIL", "floor"} & set(out.replace(":", " ").replace("(", " ").split())
     dims = 3 * 32 * 32
     assert r["bpd_prior_term"]["uniform"] == pytest.approx((16 * math.log(4) + 64 * math.log(8)) / (dims * math.log(2)))
     assert r["bpd_prior_term"]["pixelcnn"] == pytest.approx(r["prior_nats_per_image"] / (dims * math.log(2)))

@@ -19,6 +19,7 @@ import evaluate
 import evaluate_prior
 import extract_codes
 import models
+import prior_checkpoint
 import sample
 import train
 import train_prior
@@ -332,9 +333,9 @@ def class_prior(tmp_path_factory):
                        **{**TINY, "steps": 150, "eval_every": 150, "lr": 3e-3}))
     vqvae = root / "vqvae" / "checkpoint.pt"
     extract_codes.extract_codes(vqvae, root / "codes.pt", device="cpu", progress=False)
-    config = train_prior.PriorConfig(codes=str(root / "codes.pt"), out=str(root / "prior"), channels=8, num_layers=2,
-                                     kernel_size=3, dropout=0.0, steps=60, batch_size=16, lr=1e-2, eval_every=60,
-                                     log_every=60, progress=False, device="cpu", amp="off")
+    config = prior_checkpoint.PriorConfig(codes=str(root / "codes.pt"), out=str(root / "prior"), channels=8,
+                                          num_layers=2, kernel_size=3, dropout=0.0, steps=60, batch_size=16, lr=1e-2,
+                                          eval_every=60, log_every=60, progress=False, device="cpu", amp="off")
     train_prior.train_prior(config)
     model, _, _ = load_checkpoint(vqvae)
     images = {name: torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, 16, 16) / 255 - 0.5
@@ -349,9 +350,9 @@ def unigram_prior(run, tmp_path_factory):
     code 4 for "dogs": 64 and 32 training maps, 8 and 8 validation maps."""
     root = tmp_path_factory.mktemp("unigram")
     codes = codes_file(root / "codes.pt", run, 1, 4, n_train=(64, 32), n_val=(8, 8))
-    config = train_prior.PriorConfig(codes=str(codes), out=str(root / "prior"), channels=4, num_layers=1,
-                                     kernel_size=3, steps=1, batch_size=4, eval_every=1, log_every=1,
-                                     progress=False, device="cpu", amp="off")
+    config = prior_checkpoint.PriorConfig(codes=str(codes), out=str(root / "prior"), channels=4, num_layers=1,
+                                          kernel_size=3, steps=1, batch_size=4, eval_every=1, log_every=1,
+                                          progress=False, device="cpu", amp="off")
     train_prior.train_prior(config)
     return root / "prior" / "checkpoint.pt"
 

@@ -1,5 +1,6 @@
-"""The shape of the code: no import circles, small modules, the run plumbing below every script; checkpoints from
-before the move still load and resume; --tensorboard writes what metrics.jsonl holds."""
+"""The shape of the code: no import circles, small modules and short training functions, the run plumbing and the
+library code below every script; checkpoints from before the move still load and resume; --tensorboard writes what
+metrics.jsonl holds."""
 import ast
 import json
 from dataclasses import replace
@@ -54,8 +55,12 @@ def test_runs_and_checkpoint_sit_below_every_script():
     assert repo_imports("hierarchy") <= {"models", "pixels"}
     assert repo_imports("codebook") == set()          # the quantizers' tools, below models
     assert repo_imports("pixels") == set()            # the pixel scale, below both models
+    assert repo_imports("training_loop") <= {"runs"}
+    assert repo_imports("prior_checkpoint") <= {"runs", "prior", "hierarchical_prior"}
     for script in ("evaluate", "extract_codes", "sample", "evaluate_prior", "train_prior", "bench_report"):
         assert "train" not in repo_imports(script), f"{script}.py imports the training loop"
+    for script in ("sample", "evaluate_prior"):   # the prior's library code lives in prior_checkpoint and checkpoint
+        assert not repo_imports(script) & {"train_prior", "sample", "evaluate_prior"}, f"{script}.py imports a script"
     assert "bench" not in repo_imports("ablation")
 
 
@@ -63,6 +68,14 @@ def test_modules_stay_small():
     for m in MODULES:
         lines = len(FILES[m].read_text().splitlines())
         assert lines <= (650 if m == "models" else 500), f"{m}.py has {lines} lines"
+
+
+def test_the_training_functions_are_short():
+    for name in ("train", "train_prior"):
+        for node in ast.walk(ast.parse(FILES[name].read_text())):
+            if isinstance(node, ast.FunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                assert lines <= 80, f"{name}.{node.name} has {lines} lines"
 
 
 def test_a_checkpoint_written_before_the_move_loads_evaluates_and_resumes(tmp_path, capsys):

@@ -230,8 +230,10 @@ class Parsed:
 
 def parse(data: bytes, models: Models, name: str = "the file") -> Parsed:
     """Check a .vqz file's header against `models`; every problem is a one-line CodecError naming `name`."""
-    if len(data) < HEADER.size or data[:3] != MAGIC:
+    if data[:3] != MAGIC:
         raise CodecError(f"{name} is not a compressed image of this repo (no VQZ header)")
+    if len(data) < HEADER.size:
+        raise CodecError(f"{name} is truncated or corrupted (its header is incomplete)")
     magic, version, vqvae_id, prior_id, width, height, levels = HEADER.unpack_from(data)
     if version != VERSION:
         raise CodecError(f"{name} is a version {version} file; this code reads version {VERSION}")

@@ -167,7 +167,7 @@ def test_bad_files_are_one_line_each_and_the_others_go_on(trained, tmp_path, cap
 
 
 def test_a_file_made_with_other_models_names_both(trained, tmp_path, capsys):
-    other = make_models(trained["root"], make_class_folder(tmp_path / "photos"), 1, seed=1)
+    other = make_models(tmp_path, make_class_folder(tmp_path / "photos"), 1, seed=1)
     theirs = codec.load_models(other["prior"])
     ours = codec.load_models(trained[1]["prior"])
     data = codec.compress(theirs, codec.read_photo(photo(tmp_path / "p.png", 40, 24)))

@@ -74,12 +74,9 @@ class VQVAE2(ImageCodec, nn.Module):
     lowest resolution).
 
     num_residual_blocks sets the bottom encoder's and the decoder's stacks, top_residual_blocks the top encoder's
-    and the top decoder's. The paper gives the top the same stacks as the bottom; trained on the built-in sample's
-    15 photos, a top without them (0, the default) reconstructs unseen photos 0.35 dB better at 128 px (seed 0;
-    BENCHMARKS.md, bench_levels). Even so, over four seeds this model trails the 1-level one there. The paper has 512
-    codes at each level; a top of 512 under a bottom of 2048 makes a hundredth of the restarts, but at 128 px it
-    reconstructs both the unseen photos and the held-out strips worse than a top of 2048 (two seeds each), so the
-    default top has as many codes as the bottom.
+    and the top decoder's. The paper gives the top the same stacks as the bottom and 512 codes at each level; the
+    defaults here (a top without residual stacks, as many top codes as bottom codes) are the ones that
+    reconstructed the sample's unseen photos better at 128 px (docs/two-levels.md).
     Example: [c.shape for c in VQVAE2().encode(torch.zeros(2, 3, 128, 128))] == [(2, 16, 16), (2, 32, 32)].
     """
 

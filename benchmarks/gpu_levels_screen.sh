@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One level or two (issue 14) at 128 px on one GPU: the 1-level and the 2-level model over several seeds and training
+# One level or two at 128 px on one GPU: the 1-level and the 2-level model over several seeds and training
 # settings, several runs side by side (the model is small, so one GPU runs several at once), then the table of the
 # 2-level model's unseen-photo PSNR minus the 1-level model's, per setting (mean over the seeds, standard error).
-# A screen for choosing what to measure on the CPU, where bench_levels.py measures issue 14's floor: GPU runs are not
+# A screen for choosing what to measure on the CPU, where bench_levels.py measures the comparison: GPU runs are not
 # bit-comparable with CPU runs (and in the default AMP=auto they train in bf16 autocast; AMP=off: float32, TF32 convs).
 #
 #     bash benchmarks/gpu_levels_screen.sh OUT_FOLDER [JOBS] [STEPS] [PLAN_FILE]     # DEVICE=cpu to try it without a GPU

@@ -1,5 +1,5 @@
 """bench_data.py: its Food101-layout copy is read by torchvision's own Food101 and by build_data, and its report
-passes or fails each floor on hand-picked numbers."""
+gives each ratio of hand-picked numbers, with no verdicts."""
 import json
 
 import pytest
@@ -56,8 +56,8 @@ def test_the_copy_is_reused_while_its_marker_matches_and_rebuilt_otherwise(copy2
 def results(prepare_ratio=2.0, second_ratio=0.5, e2e=(0.97, 0.92)) -> dict:
     """A results dict as main() builds it, with hand-picked numbers."""
     e2e_rows = [{"size": s, "batch": b, "steps": 300, "end_to_end_images_per_s": 100 * r,
-                 "model_only_images_per_s": 100.0, "ratio": r, "floor": f}
-                for (s, b, f), r in zip(((64, 32, 0.95), (128, 128, 0.90)), e2e)]
+                 "model_only_images_per_s": 100.0, "ratio": r}
+                for (s, b), r in zip(((64, 32), (128, 128)), e2e)]
     return {"machine": "test machine", "device": "cuda", "threads": 2, "workers": 4, "image_size": 64,
             "copy": {"images": 1000, "files": 1003, "megabytes": 60.0},
             "preparing": {"images": 1000, "size": 64, "workers": 4, "repeats": 3, "ratio": prepare_ratio,
@@ -72,30 +72,26 @@ def results(prepare_ratio=2.0, second_ratio=0.5, e2e=(0.97, 0.92)) -> dict:
                         "memory_mapped_images_per_s": 20000.0}}
 
 
-def test_the_report_passes_numbers_at_or_past_each_floor():
+def test_the_report_gives_each_ratio_and_no_verdict():
     r = results(prepare_ratio=1.5, second_ratio=0.6, e2e=(0.95, 0.90))
-    assert [ok for *_, ok in bench_data.floors(r)] == [True] * 4
+    assert bench_data.ratios(r) == [("preparing: ours vs torchvision", "1.50x"),
+                                    ("train.py second run vs first", "0.60"),
+                                    ("end to end vs model-only, 64x64 batch 32", "95.0%"),
+                                    ("end to end vs model-only, 128x128 batch 128", "90.0%")]
     text, line = bench_data.report(r), bench_data.summary(r)
-    assert "FAIL" not in text and text.count("| PASS |") == 4
-    assert line.startswith("summary: ") and line.count("PASS") == 4 and "\n" not in line
+    for verdict in ("PASS", "FAIL", "floor"):
+        assert verdict not in text and verdict not in line
+    assert line.startswith("summary: ") and "\n" not in line
     assert "1.50x" in line and "0.60" in line and "95.0%" in line and "90.0%" in line
     assert "| 1000 | 250 |" in text and "| 64x64, 32, 300 | 95 | 100 | 95.0% |" in text
     assert "50000 images/s" in text and "20000 images/s" in text and "test machine" in text
 
 
-@pytest.mark.parametrize("which, numbers", [(0, dict(prepare_ratio=1.49)), (1, dict(second_ratio=0.61)),
-                                            (2, dict(e2e=(0.949, 0.95))), (3, dict(e2e=(0.99, 0.899)))])
-def test_the_report_fails_exactly_the_floor_that_is_missed(which, numbers):
-    r = results(**numbers)
-    passed = [ok for *_, ok in bench_data.floors(r)]
-    assert passed == [i != which for i in range(4)]
-    assert bench_data.report(r).count("| FAIL |") == 1 and bench_data.summary(r).count("FAIL") == 1
-
-
-def test_a_cpu_report_has_one_end_to_end_floor():
+def test_a_cpu_report_has_one_end_to_end_ratio():
     r = results()
     r["end_to_end"] = r["end_to_end"][:1]
-    assert len(bench_data.floors(r)) == 3 and "128x128" not in bench_data.summary(r)
+    assert len(bench_data.ratios(r)) == 3 and "128x128" not in bench_data.summary(r)
+
 
 
 def test_peak_rss_is_the_largest_process_of_the_command(tmp_path):

@@ -45,6 +45,9 @@ class Mutation:
 P, PD, PR = "tests/test_promises.py", "tests/test_promises_data.py", "tests/test_promises_runs.py"
 L, H = "tests/test_prior_levels.py", "tests/test_hierarchy.py"
 CLIP = "tests/test_train.py::test_clip_grad_norm_scales_the_gradients_down_to_the_norm_and_keeps_their_direction"
+EMA_GLOO = "tests/test_reliability.py::test_two_gloo_processes_hold_identical_codebooks_and_match_one_process"
+VQ_GLOO = "tests/test_reliability.py::test_the_plain_quantizer_on_two_gloo_processes_matches_one_process"
+R2, R2R = "tests/test_promises_round2.py", "tests/test_promises_round2_runs.py"
 MUTATIONS = [
     # ---- the quantizers' maths (README "The model")
     Mutation("nearest-code-distance", "The model", "models.py",
@@ -352,6 +355,74 @@ MUTATIONS = [
     Mutation("build-ignores-levels", "Two levels", "checkpoint.py",
              'if args.pop("levels") == 2:', 'if args.pop("levels") == 3:',
              (f"{H}::test_a_2_level_checkpoint_rebuilds_its_model_and_evaluate_reports_both_codebooks",)),
+    # ---- round two: breakages chosen outside the repo that the suite once missed, and their kin
+    Mutation("vq-usage-not-added-over-processes", "Several GPUs", "models.py",
+             "                    if _distributed():\n                        dist.all_reduce(counts)",
+             "                    if False:\n                        dist.all_reduce(counts)", (VQ_GLOO,)),
+    Mutation("restart-pool-of-this-process-only", "Several GPUs", "models.py",
+             "pool = _gather_rows(flat)", "pool = flat", (EMA_GLOO,)),
+    Mutation("validation-code-counts-not-summed", "Several GPUs", "evaluate.py",
+             "for t in (squared_error, *counts, num, ssim_sum):", "for t in (squared_error, num, ssim_sum):",
+             (EMA_GLOO,)),
+    Mutation("validation-ssim-not-summed", "Several GPUs", "evaluate.py",
+             "for t in (squared_error, *counts, num, ssim_sum):", "for t in (squared_error, *counts, num):",
+             (EMA_GLOO,)),
+    Mutation("vq-search-follows-a-bf16-input", "The model", "models.py",
+             "with torch.autocast(z.device.type, enabled=False):\n            flat, indices, codes = self._search(z)\n"
+             "            codebook_loss",
+             "with torch.autocast(z.device.type, enabled=z.dtype == torch.bfloat16):\n"
+             "            flat, indices, codes = self._search(z)\n            codebook_loss",
+             (f"{R2}::test_the_quantizer_searches_in_float32_whatever_autocast_and_the_input_dtype",)),
+    Mutation("ema-search-follows-a-bf16-input", "The model", "models.py",
+             "with torch.autocast(z.device.type, enabled=False):\n            flat, indices, codes = self._search(z)\n"
+             "            commitment_loss",
+             "with torch.autocast(z.device.type, enabled=z.dtype == torch.bfloat16):\n"
+             "            flat, indices, codes = self._search(z)\n            commitment_loss",
+             (f"{R2}::test_the_quantizer_searches_in_float32_whatever_autocast_and_the_input_dtype",)),
+    Mutation("encode-search-follows-a-bf16-input", "The model", "models.py",
+             "with torch.autocast(z.device.type, enabled=False):\n            return nearest_code(",
+             "with torch.autocast(z.device.type, enabled=z.dtype == torch.bfloat16):\n            return nearest_code(",
+             (f"{R2}::test_the_quantizer_searches_in_float32_whatever_autocast_and_the_input_dtype",)),
+    Mutation("lookup-projection-in-bf16", "The model", "models.py",
+             "flat = F.linear(flat, self.project_in.weight.float(), self.project_in.bias.float())",
+             "flat = F.linear(flat.bfloat16(), self.project_in.weight.bfloat16(), self.project_in.bias.bfloat16())"
+             ".float()",
+             (f"{R2}::test_the_quantizer_searches_in_float32_whatever_autocast_and_the_input_dtype",)),
+    Mutation("fsq-follows-the-callers-autocast", "The model", "models.py",
+             "with torch.autocast(z.device.type, enabled=False):\n            rounded, indices = self._quantize(z)",
+             "with torch.autocast(z.device.type, enabled=torch.is_autocast_enabled(z.device.type)):\n"
+             "            rounded, indices = self._quantize(z)",
+             (f"{R2}::test_fsq_rounds_in_float32_under_bf16_autocast",)),
+    Mutation("fsq-encode-follows-the-callers-autocast", "The model", "models.py",
+             "with torch.autocast(z.device.type, enabled=False):\n            return self._quantize(z)[1]",
+             "with torch.autocast(z.device.type, enabled=torch.is_autocast_enabled(z.device.type)):\n"
+             "            return self._quantize(z)[1]",
+             (f"{R2}::test_fsq_rounds_in_float32_under_bf16_autocast",)),
+    Mutation("restart-takes-the-first-rows", "Codebook health", "models.py",
+             "pick = _same_everywhere(torch.randint(pool.shape[0], (self.num_embeddings,), device=flat.device))",
+             "pick = _same_everywhere(torch.arange(self.num_embeddings, device=flat.device) % pool.shape[0])",
+             (f"{R2}::test_restarts_move_dead_codes_onto_random_rows_of_the_current_batch",)),
+    Mutation("restart-evenly-spaced-rows", "Codebook health", "models.py",
+             "pick = _same_everywhere(torch.randint(pool.shape[0], (self.num_embeddings,), device=flat.device))",
+             "pick = _same_everywhere(torch.arange(self.num_embeddings, device=flat.device) * pool.shape[0]"
+             " // self.num_embeddings)",
+             (f"{R2}::test_restarts_move_dead_codes_onto_random_rows_of_the_current_batch",)),
+    Mutation("kmeans-empty-cluster-to-the-origin", "Codebook health", "models.py",
+             "centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)",
+             "centres = sums / counts.clamp_min(1)[:, None]",
+             (f"{R2}::test_kmeans_keeps_the_centre_of_an_empty_cluster",)),
+    Mutation("vq-usage-decayed-sum", "Codebook health", "models.py",
+             "self.usage.mul_(self.usage_decay).add_(counts, alpha=1.0 - self.usage_decay)",
+             "self.usage.mul_(self.usage_decay).add_(counts)",
+             (f"{R2}::test_usage_is_an_ema_of_the_per_batch_counts_and_a_code_restarts_when_it_falls_below",)),
+    Mutation("vq-usage-running-sum", "Codebook health", "models.py",
+             "self.usage.mul_(self.usage_decay).add_(counts, alpha=1.0 - self.usage_decay)",
+             "self.usage.add_(counts)",
+             (f"{R2}::test_usage_is_an_ema_of_the_per_batch_counts_and_a_code_restarts_when_it_falls_below",)),
+    Mutation("decay-flag-not-passed-on", "Command line", "models.py",
+             "VectorQuantizerEMA(num_embeddings, embedding_dim, beta, decay, eps, **options)",
+             "VectorQuantizerEMA(num_embeddings, embedding_dim, beta, 0.99, eps, **options)",
+             (f"{R2}::test_the_codebook_health_flags_do_what_the_table_says",)),
 ]
 
 

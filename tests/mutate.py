@@ -48,6 +48,15 @@ CLIP = "tests/test_train.py::test_clip_grad_norm_scales_the_gradients_down_to_th
 EMA_GLOO = "tests/test_reliability.py::test_two_gloo_processes_hold_identical_codebooks_and_match_one_process"
 VQ_GLOO = "tests/test_reliability.py::test_the_plain_quantizer_on_two_gloo_processes_matches_one_process"
 R2, R2R = "tests/test_promises_round2.py", "tests/test_promises_round2_runs.py"
+INTERVALS = f"{R2R}::test_the_interval_flags_set_when_records_validations_and_checkpoints_happen"
+STEP_FLAGS = f"{R2R}::test_seed_batch_size_and_amp_reach_the_step"
+VAL_FRACTION = f"{R2R}::test_val_fraction_and_data_root_reach_the_data"
+FILE_TYPES = f"{R2R}::test_every_file_type_readme_names_is_found_in_any_letter_case"
+CHANGED_PHOTO = f"{R2R}::test_a_changed_photo_prepares_its_split_again_whatever_else_stays_the_same"
+RESUME_FIELDS = f"{R2R}::test_a_resume_that_changes_a_field_that_must_stay_stops_naming_it"
+SIGNALS = ("tests/test_reliability.py::"
+           "test_sigterm_or_ctrl_c_saves_a_checkpoint_at_the_step_it_stopped_and_says_how_to_resume")
+SIGMA = f"{R2R}::test_the_decoder_term_fits_sigma_on_the_training_images_and_scores_the_validation_images"
 MUTATIONS = [
     # ---- the quantizers' maths (README "The model")
     Mutation("nearest-code-distance", "The model", "models.py",
@@ -361,6 +370,11 @@ MUTATIONS = [
              "                    if False:\n                        dist.all_reduce(counts)", (VQ_GLOO,)),
     Mutation("restart-pool-of-this-process-only", "Several GPUs", "models.py",
              "pool = _gather_rows(flat)", "pool = flat", (EMA_GLOO,)),
+    Mutation("kmeans-init-of-this-process-only", "Several GPUs", "models.py",
+             "centres, counts = kmeans(_gather_rows(flat),", "centres, counts = kmeans(flat,", (EMA_GLOO,)),
+    Mutation("ema-counts-not-added-over-processes", "Several GPUs", "models.py",
+             "            dist.all_reduce(counts)\n            dist.all_reduce(sums)",
+             "            dist.all_reduce(sums)", (EMA_GLOO,)),
     Mutation("validation-code-counts-not-summed", "Several GPUs", "evaluate.py",
              "for t in (squared_error, *counts, num, ssim_sum):", "for t in (squared_error, num, ssim_sum):",
              (EMA_GLOO,)),
@@ -382,6 +396,10 @@ MUTATIONS = [
     Mutation("encode-search-follows-a-bf16-input", "The model", "models.py",
              "with torch.autocast(z.device.type, enabled=False):\n            return nearest_code(",
              "with torch.autocast(z.device.type, enabled=z.dtype == torch.bfloat16):\n            return nearest_code(",
+             (f"{R2}::test_the_quantizer_searches_in_float32_whatever_autocast_and_the_input_dtype",)),
+    Mutation("vq-codebook-loss-in-bf16", "The model", "models.py",
+             "codebook_loss = F.mse_loss(codes, flat.detach())",
+             "codebook_loss = F.mse_loss(codes.bfloat16(), flat.detach().bfloat16()).float()",
              (f"{R2}::test_the_quantizer_searches_in_float32_whatever_autocast_and_the_input_dtype",)),
     Mutation("lookup-projection-in-bf16", "The model", "models.py",
              "flat = F.linear(flat, self.project_in.weight.float(), self.project_in.bias.float())",
@@ -423,6 +441,72 @@ MUTATIONS = [
              "VectorQuantizerEMA(num_embeddings, embedding_dim, beta, decay, eps, **options)",
              "VectorQuantizerEMA(num_embeddings, embedding_dim, beta, 0.99, eps, **options)",
              (f"{R2}::test_the_codebook_health_flags_do_what_the_table_says",)),
+    Mutation("constant-schedule-skips-the-warm-up", "Command line", "checkpoint.py",
+             "    if step < c.warmup_steps:\n        return c.lr * (step + 1) / c.warmup_steps",
+             "    if step < c.warmup_steps and c.lr_schedule == \"cosine\":\n"
+             "        return c.lr * (step + 1) / c.warmup_steps",
+             (f"{R2R}::test_the_warm_up_applies_to_the_constant_schedule_too",)),
+    Mutation("log-every-ignored", "Command line", "train.py",
+             "log_now = step % c.log_every == 0 or evaluate_now", "log_now = True", (INTERVALS,)),
+    Mutation("checkpoint-every-ignored", "Command line", "train.py",
+             "checkpoint_every = c.checkpoint_every or c.eval_every", "checkpoint_every = c.eval_every",
+             (INTERVALS,)),
+    Mutation("checkpoint-every-zero-saves-only-at-the-end", "Command line", "train.py",
+             "checkpoint_every = c.checkpoint_every or c.eval_every",
+             "checkpoint_every = c.checkpoint_every or c.steps",
+             (INTERVALS,)),
+    Mutation("seed-ignored-by-the-weights", "Command line", "train.py",
+             "torch.manual_seed(c.seed)", "torch.manual_seed(0)", (STEP_FLAGS,)),
+    Mutation("amp-flag-ignored", "Command line", "train.py",
+             "amp_dtype = amp_dtype_for(c.amp, device)", "amp_dtype = amp_dtype_for(\"off\", device)", (STEP_FLAGS,)),
+    Mutation("batch-size-ignored", "Command line", "train.py",
+             "batches(data.train, c.batch_size, c.seed, start_step,", "batches(data.train, 4, c.seed, start_step,",
+             (STEP_FLAGS,)),
+    Mutation("val-fraction-ignored", "Your own images", "image_data.py",
+             "split_folder(folder, val_fraction)", "split_folder(folder, 0.1)", (VAL_FRACTION,)),
+    Mutation("train-ignores-val-fraction", "Your own images", "train.py",
+             "build_data(c.data, c.image_size, c.data_root, c.download, c.val_fraction,",
+             "build_data(c.data, c.image_size, c.data_root, c.download, 0.1,", (VAL_FRACTION,)),
+    Mutation("evaluate-ignores-val-fraction", "Your own images", "evaluate.py",
+             "val_fraction=config.val_fraction", "val_fraction=0.1", (VAL_FRACTION,)),
+    Mutation("data-root-ignored", "Your own images", "train.py",
+             "build_data(c.data, c.image_size, c.data_root, c.download,",
+             "build_data(c.data, c.image_size, \"data\", c.download,", (VAL_FRACTION,)),
+    Mutation("tif-not-found", "Your own images", "image_data.py",
+             '".webp", ".tif", ".tiff")', '".webp", ".tiff")', (FILE_TYPES,)),
+    Mutation("jpeg-extension-not-found", "Your own images", "image_data.py",
+             '(".jpg", ".jpeg", ".png",', '(".jpg", ".png",', (FILE_TYPES,)),
+    Mutation("prepared-key-compares-the-count", "Your own images", "prepared.py",
+             'key.get("files") == stamps', 'len(key.get("files")) == len(stamps)', (CHANGED_PHOTO,)),
+    Mutation("prepared-key-without-the-time", "Your own images", "prepared.py",
+             "st.st_size,\n                       st.st_mtime_ns])", "st.st_size,\n                       0])",
+             (CHANGED_PHOTO,)),
+    Mutation("prepared-key-without-the-size", "Your own images", "prepared.py",
+             "else str(p), st.st_size,", "else str(p), 0,", (CHANGED_PHOTO,)),
+    Mutation("resume-ignores-batch-size", "Command line", "checkpoint.py",
+             '"image_size", "batch_size", "seed")', '"image_size", "seed")', (RESUME_FIELDS,)),
+    Mutation("resume-ignores-seed", "Command line", "checkpoint.py",
+             '"batch_size", "seed")', '"batch_size")', (RESUME_FIELDS,)),
+    Mutation("resume-ignores-data", "Command line", "checkpoint.py",
+             '(*MODEL_FIELDS, "data", "image_size"', '(*MODEL_FIELDS, "image_size"', (RESUME_FIELDS,)),
+    Mutation("ctrl-c-not-handled", "Command line", "runs.py",
+             "for sig in (signal.SIGINT, signal.SIGTERM):", "for sig in (signal.SIGTERM,):", (SIGNALS,)),
+    Mutation("stop-without-a-checkpoint", "Command line", "train.py",
+             "                bar.close()\n                checkpoint(step, final)\n                raise Interrupted",
+             "                bar.close()\n                raise Interrupted", (SIGNALS,)),
+    Mutation("reconstructions-rows-swapped", "Command line", "train.py",
+             "torch.cat([x, reconstruction])", "torch.cat([reconstruction, x])",
+             (f"{R2R}::test_reconstructions_png_holds_the_originals_above_their_reconstructions",)),
+    Mutation("evaluate-mse-unclamped", "Command line", "evaluate.py",
+             "reconstruction = (out.reconstruction.float() + 0.5).clamp_(0, 1)",
+             "reconstruction = out.reconstruction.float() + 0.5",
+             (f"{R2R}::test_evaluate_scores_reconstructions_clamped_to_0_1",)),
+    Mutation("sigma-fitted-on-validation", "Generation", "evaluate_prior.py",
+             "subset = torch.utils.data.Subset(splits.train, range(0, len(splits.train), step))",
+             "subset = torch.utils.data.Subset(splits.val, range(len(splits.val)))", (SIGMA,)),
+    Mutation("sigma-fitted-on-both-splits", "Generation", "evaluate_prior.py",
+             "subset = torch.utils.data.Subset(splits.train, range(0, len(splits.train), step))",
+             "subset = torch.utils.data.ConcatDataset([splits.train, splits.val])", (SIGMA,)),
 ]
 
 

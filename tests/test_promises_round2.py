@@ -72,6 +72,8 @@ def test_the_quantizer_searches_in_float32_whatever_autocast_and_the_input_dtype
     for out in (evaluated, trained):
         assert out.quantized.dtype == torch.float32 and out.loss.dtype == torch.float32
         assert out.commitment_loss.item() == pytest.approx(commitment, rel=1e-4)
+        if cls is VectorQuantizer:                                 # ||sg[z_e] - e||^2 has the same value
+            assert out.codebook_loss.item() == pytest.approx(commitment, rel=1e-4)
     if not lookup_dim:
         assert torch.equal(flatten_latents(evaluated.quantized)[decided], codes[expected][decided])
 

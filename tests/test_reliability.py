@@ -127,19 +127,49 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path):
     assert steps == list(range(1, 21))
 
 
-def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+def run_until_logged(args: list[str], out: Path, min_step: int) -> subprocess.Popen:
+    """Start train.py and return once metrics.jsonl has a record of `min_step` or later (the process still running).
+    SIGINT is given its default action in the child, as in a terminal (a shell running it in the background would
+    otherwise pass the signal on as ignored)."""
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        if lines and json.loads(lines[-1])["step"] >= min_step:
+            return proc
+        if proc.poll() is not None:
+            raise AssertionError(f"train.py ended early: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("no metrics in time")
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_sigterm_or_ctrl_c_saves_a_checkpoint_at_the_step_it_stopped_and_says_how_to_resume(tmp_path, name):
+    """README: "Ctrl-C or SIGTERM stops at the next step boundary, saves a checkpoint and prints the command that
+    resumes it". No checkpoint is due in this run (--checkpoint-every and --eval-every far away), so the checkpoint
+    found afterwards is the one the stop saved; it holds the last step logged, and the run resumes from it."""
     out = tmp_path / "run"
-    args = [*TINY_FLAGS, "--steps", "100000", "--eval-every", "100000", "--checkpoint-every", "3", "--out",
+    args = [*TINY_FLAGS, "--steps", "100000", "--eval-every", "100000", "--checkpoint-every", "100000", "--out",
             str(out)]
-    proc = run_until_checkpoint(args, out, 3)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    proc = run_until_logged(args, out, 3)
+    try:
+        assert not (out / "checkpoint.pt").exists()
+        proc.send_signal(getattr(signal, name))
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
-    assert "SIGTERM" in stderr and "--resume" in stderr, stderr[-1000:]
+    assert name in stderr and "--resume" in stderr, stderr[-1000:]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] >= 3
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert ckpt["step"] >= 3 and records[-1]["step"] == ckpt["step"]
     assert f"at step {ckpt['step']}" in stderr                 # the saved step is the step it stopped at
+    assert train.main([*args, "--steps", str(ckpt["step"] + 1), "--resume"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == ckpt["step"] + 1
 
 
 class Payload:

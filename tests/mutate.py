@@ -305,8 +305,9 @@ MUTATIONS = [
              "torch.cat([0 * self.upsample_top(e_top), e_bottom], 1)",
              (f"{H}::test_the_bottom_code_depends_on_the_top_code_and_the_decoder_on_both",)),
     Mutation("top-stacks-ignore-flag", "Two levels", "checkpoint.py",
-             'for name in ("downsample",) if c.levels == 2 else TOP_FIELDS:',
-             'for name in ("downsample", *TOP_FIELDS) if c.levels == 2 else TOP_FIELDS:',
+             "    for name in unused_fields(c.levels):\n        del args[name]",
+             "    for name in (*unused_fields(c.levels), *(TOP_FIELDS if c.levels == 2 else ())):\n"
+             "        del args[name]",
              (f"{H}::test_the_top_follows_its_flags_and_an_older_checkpoint_keeps_its_own",)),
     Mutation("top-codebook-is-the-bottoms", "Two levels", "hierarchy.py",
              "make_quantizer(quantizer, top_num_embeddings or num_embeddings, *options, fsq_levels)",

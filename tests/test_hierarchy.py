@@ -17,8 +17,6 @@ from models import VQVAE
 from runs import CheckpointError, ConfigError
 from tests.ddp_worker import tiny
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def small(**kw) -> VQVAE2:
     torch.manual_seed(0)

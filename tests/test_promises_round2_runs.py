@@ -216,29 +216,30 @@ def test_a_resume_that_changes_a_field_that_must_stay_stops_naming_it(run, folde
 
 
 def test_val_fraction_and_data_root_reach_the_data(tmp_path, capsys, plain_warnings):
-    """40 images in one folder, --val-fraction 0.5: validation holds exactly the files whose SHA-1 of the relative
-    path, read as a fraction of 2^64, is below 0.5 (computed here), for training's validation and for evaluate.py;
-    the prepared arrays go under --data-root's prepared/."""
+    """40 images in one folder, --val-fraction 0.3: validation holds exactly the files whose SHA-1 of the relative
+    path, read as a fraction of 2^64, is below 0.3 (computed here): the file list of the prepared validation split's
+    key under --data-root's prepared/, and the image count of training's validation and of evaluate.py."""
     data = tmp_path / "many"
     rng = np.random.default_rng(2)
-    for i in range(40):
-        save_array(data / f"img{i:02d}.png", rng.integers(0, 256, (16, 16, 3)))
+    names = [f"img{i:02d}.png" for i in range(40)]
+    for name in names:
+        save_array(data / name, rng.integers(0, 256, (16, 16, 3)))
 
-    def held_out(fraction: float) -> int:
-        return sum(int.from_bytes(hashlib.sha1(f"img{i:02d}.png".encode()).digest()[:8], "big") / 2**64 < fraction
-                   for i in range(40))
+    def held_out(fraction: float) -> set[str]:
+        return {n for n in names if int.from_bytes(hashlib.sha1(n.encode()).digest()[:8], "big") / 2**64 < fraction}
 
-    assert held_out(0.5) not in (held_out(0.1), 0, 40)
+    assert len(held_out(0.3)) not in (len(held_out(0.1)), 0, 40)
     out, root = tmp_path / "run", tmp_path / "root"
-    flags = [*TINY_FLAGS, "--steps", "1", "--eval-every", "1", "--data", str(data), "--val-fraction", "0.5",
+    flags = [*TINY_FLAGS, "--steps", "1", "--eval-every", "1", "--data", str(data), "--val-fraction", "0.3",
              "--data-root", str(root), "--out", str(out)]
     rc, said, err = call_main(train.main, flags, capsys)
     assert rc == 0, err
-    assert f"| {held_out(0.5)} validation images" in said
-    assert list((root / "prepared").glob("*/val.npy"))
+    assert f"| {len(held_out(0.3))} validation images" in said
+    (key,) = (root / "prepared").glob("*/val.json")
+    assert {f[0] for f in json.loads(key.read_text())["files"]} == held_out(0.3)
     rc, said, err = call_main(evaluate.main, ["--checkpoint", out / "checkpoint.pt", "--device", "cpu"], capsys)
     assert rc == 0, err
-    assert json.loads(said.strip().splitlines()[-1])["num_images"] == held_out(0.5)
+    assert json.loads(said.strip().splitlines()[-1])["num_images"] == len(held_out(0.3))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,15 @@
-"""Run by tests/test_reliability.py under torchrun: train a tiny model, then save this rank's model state.
+"""Run by the two-process tests under torchrun: train tiny models, then save each rank's model state and final
+validation metrics.
 
     torchrun --nproc_per_node=2 tests/ddp_worker.py OUT_FOLDER BATCH_SIZE [LEVELS]
+    torchrun --nproc_per_node=2 tests/ddp_worker.py ROOT BATCH_SIZE KIND [KIND ...]   # KIND: ema, vq, levels2
+
+The second form trains one run per KIND into ROOT/KIND, one after the other in the same process group (so the
+tests share one torchrun start), and writes ROOT/KIND/rank{r}.pt.
 """
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,8 +34,35 @@ def tiny(out: str, batch_size: int, levels: int = 1) -> Config:
                   levels=levels)
 
 
-if __name__ == "__main__":
-    out, batch_size = sys.argv[1], int(sys.argv[2])
-    result = train(tiny(out, batch_size, int(sys.argv[3]) if len(sys.argv) > 3 else 1))
+def tiny_vq(out: str, batch_size: int) -> Config:
+    """The plain quantizer (eq. 3) with k-means initialisation, restarts by its usage (an EMA of the per-batch
+    counts, which must be added over processes before the restart decision) and gradient clipping tight enough to
+    act at every step (the gradient norms are 1 to 4; after DDP's all-reduce, so every process scales by the same
+    factor). The search is in D, without cosine codes: with the default 4-d cosine search this tiny model meets
+    near-ties that a batch of 4 and one of 8 decide differently."""
+    return replace(tiny(out, batch_size), quantizer="vq", clip_grad_norm=0.05, cosine=False, lookup_dim=0)
+
+
+KINDS = {"ema": tiny, "vq": tiny_vq, "levels2": lambda out, batch_size: tiny(out, batch_size, 2)}
+
+
+def save_rank(result, out: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
-    torch.save({"model": result.model.state_dict(), "final": result.final}, Path(out) / f"rank{rank}.pt")
+    torch.save({"model": result.model.state_dict(), "final": result.final, "history": result.history},
+               Path(out) / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    target, batch_size, rest = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    if not rest or rest[0].isdigit():   # one run into OUT_FOLDER
+        save_rank(train(tiny(target, batch_size, int(rest[0]) if rest else 1)), target)
+    else:                               # one run per KIND, in one process group that train() joins
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        try:
+            for kind in rest:
+                out = str(Path(target) / kind)
+                save_rank(train(KINDS[kind](out, batch_size)), out)
+        finally:
+            dist.destroy_process_group()

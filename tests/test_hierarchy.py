@@ -2,9 +2,6 @@
 brute-force search, the bottom code chosen given the top one, the decoder fed by both, checkpoints that rebuild the
 right kind of model, exact resume, and both codebooks identical over two gloo processes."""
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,8 +16,6 @@ from image_data import build_data
 from models import VQVAE
 from runs import CheckpointError, ConfigError
 from tests.ddp_worker import tiny
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def small(**kw) -> VQVAE2:
@@ -217,13 +212,8 @@ def test_a_resumed_2_level_run_ends_where_an_uninterrupted_one_does(tmp_path):
     assert int(straight.model.bottom_quantizer.restarts) + int(straight.model.top_quantizer.restarts) > 0
 
 
-def test_two_gloo_processes_hold_identical_codebooks_at_both_levels(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path / "ddp"), "4", "2"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True)["model"] for r in (0, 1)]
+def test_two_gloo_processes_hold_identical_codebooks_at_both_levels(gloo_runs):
+    ranks = [torch.load(gloo_runs / "levels2" / f"rank{r}.pt", weights_only=True)["model"] for r in (0, 1)]
     codebooks = [k for k in ranks[0] if k.startswith(("top_quantizer.", "bottom_quantizer."))]
     assert any(k.startswith("top_quantizer.embedding") for k in codebooks)
     assert any(k.startswith("bottom_quantizer.embedding") for k in codebooks)

@@ -1,6 +1,7 @@
 """Multi-process training, crashes and signals, and safe checkpoints, with real processes and real signals."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 import checkpoint
 import runs
 import train
-from tests.ddp_worker import tiny
+from tests.ddp_worker import tiny, tiny_vq
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_FLAGS = ["--data", "sample", "--image-size", "16", "--batch-size", "4", "--hidden-channels", "8",
@@ -23,34 +24,62 @@ TINY_FLAGS = ["--data", "sample", "--image-size", "16", "--batch-size", "4", "--
               "--num-workers", "0", "--log-every", "1"]
 
 
-def test_two_gloo_processes_hold_identical_codebooks_and_match_one_process(tmp_path, capsys):
-    """torchrun, 2 CPU processes with batch 4 each: the ranks end bit-identical (codebook and weights), and match
-    one process that sees both shards together (batch 8) to float tolerance. The run uses k-means initialisation
-    and dead-code restarts, the two codebook updates that draw random choices."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path / "ddp"), "4"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    single = train.train(tiny(str(tmp_path / "single"), 8))
-    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+# validation metrics every process reports, pooled over both shards (the sample's unseen photos and strips too)
+VALIDATION_KEYS = ("mse", "psnr", "ssim", "codebook_usage", "perplexity", "num_images",
+                   *(f"{part}_{key}" for part in ("unseen", "strips") for key in ("psnr", "ssim", "codebook_usage")))
+
+
+def match_one_process(folder: Path, single) -> list[dict]:
+    """The two ranks' saved states against one process that saw both shards together (batch 8): weights and
+    quantizer buffers bit-identical between the ranks and equal to the single process to float tolerance, the
+    validation metrics the same on both ranks and equal to the single process's (so the sums, code counts
+    included, were added over processes), and rank 0's training records (losses averaged over processes)."""
+    ranks = [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["model"].keys() == single.model.state_dict().keys()
     for key, value in single.model.state_dict().items():
         assert torch.equal(ranks[0]["model"][key], ranks[1]["model"][key]), key
         torch.testing.assert_close(ranks[0]["model"][key], value, atol=1e-5, rtol=1e-5, msg=key)
+    assert set(VALIDATION_KEYS) <= single.final.keys()
+    for key in VALIDATION_KEYS:
+        assert ranks[0]["final"][key] == ranks[1]["final"][key], key
+        assert ranks[0]["final"][key] == pytest.approx(single.final[key], rel=1e-5), key
+    assert [r["step"] for r in ranks[0]["history"]] == [r["step"] for r in single.history]
+    for mine, theirs in zip(ranks[0]["history"], single.history):
+        for key in ("loss", "recon_loss", "commitment_loss", "restarts"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), (mine["step"], key)
+    return ranks
+
+
+def test_two_gloo_processes_hold_identical_codebooks_and_match_one_process(gloo_runs, tmp_path, capsys):
+    """torchrun, 2 CPU processes with batch 4 each: the ranks end bit-identical (codebook and weights), and match
+    one process that sees both shards together (batch 8) to float tolerance. The run uses k-means initialisation
+    and dead-code restarts, the two codebook updates that draw random choices."""
+    single = train.train(tiny(str(tmp_path / "single"), 8))
+    ranks = match_one_process(gloo_runs / "ema", single)
     assert ranks[0]["final"]["num_images"] == single.final["num_images"]        # the validation shards add up
-    assert ranks[0]["final"]["psnr"] == pytest.approx(single.final["psnr"], abs=1e-4)
     assert int(ranks[0]["model"]["quantizer.restarts"]) == int(single.model.quantizer.restarts) > 0
     # only rank 0 wrote the run folder
-    records = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    records = (gloo_runs / "ema" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in records] == [1, 2, 3, 4, 5, 6]
+    assert ranks[1]["history"] == []
     # the 2-process checkpoint resumes in one process, saying at the start that the global batch changed
-    assert torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)["world"] == 2
+    run = tmp_path / "ddp"
+    shutil.copytree(gloo_runs / "ema", run)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["world"] == 2
     capsys.readouterr()
-    resumed = train.train(replace(tiny(str(tmp_path / "ddp"), 4), resume=True, steps=8))
+    resumed = train.train(replace(tiny(str(run), 4), resume=True, steps=8))
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resuming")]
     assert len(said) == 1 and "with 1 process(es) (global batch 4)" in said[0] and "with 2 (global batch 8)" in said[0]
     assert resumed.history[-1]["step"] == 8
+
+
+def test_the_plain_quantizer_on_two_gloo_processes_matches_one_process(gloo_runs, tmp_path):
+    """The vq quantizer on the same two processes: its usage (an EMA of the per-batch code counts) is added over
+    processes before the restart decision, so both ranks restart the same codes as one process with both shards
+    does; gradient clipping acts after DDP's all-reduce, so both ranks scale alike."""
+    single = train.train(tiny_vq(str(tmp_path / "single"), 8))
+    ranks = match_one_process(gloo_runs / "vq", single)
+    assert int(ranks[0]["model"]["quantizer.restarts"]) == int(single.model.quantizer.restarts) > 0
 
 
 def run_until_checkpoint(args: list[str], out: Path, min_step: int) -> subprocess.Popen:
@@ -98,19 +127,49 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path):
     assert steps == list(range(1, 21))
 
 
-def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+def run_until_logged(args: list[str], out: Path, min_step: int) -> subprocess.Popen:
+    """Start train.py and return once metrics.jsonl has a record of `min_step` or later (the process still running).
+    SIGINT is given its default action in the child, as in a terminal (a shell running it in the background would
+    otherwise pass the signal on as ignored)."""
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        if lines and json.loads(lines[-1])["step"] >= min_step:
+            return proc
+        if proc.poll() is not None:
+            raise AssertionError(f"train.py ended early: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("no metrics in time")
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_sigterm_or_ctrl_c_saves_a_checkpoint_at_the_step_it_stopped_and_says_how_to_resume(tmp_path, name):
+    """README: "Ctrl-C or SIGTERM stops at the next step boundary, saves a checkpoint and prints the command that
+    resumes it". No checkpoint is due in this run (--checkpoint-every and --eval-every far away), so the checkpoint
+    found afterwards is the one the stop saved; it holds the last step logged, and the run resumes from it."""
     out = tmp_path / "run"
-    args = [*TINY_FLAGS, "--steps", "100000", "--eval-every", "100000", "--checkpoint-every", "3", "--out",
+    args = [*TINY_FLAGS, "--steps", "100000", "--eval-every", "100000", "--checkpoint-every", "100000", "--out",
             str(out)]
-    proc = run_until_checkpoint(args, out, 3)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    proc = run_until_logged(args, out, 3)
+    try:
+        assert not (out / "checkpoint.pt").exists()
+        proc.send_signal(getattr(signal, name))
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
-    assert "SIGTERM" in stderr and "--resume" in stderr, stderr[-1000:]
+    assert name in stderr and "--resume" in stderr, stderr[-1000:]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] >= 3
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert ckpt["step"] >= 3 and records[-1]["step"] == ckpt["step"]
     assert f"at step {ckpt['step']}" in stderr                 # the saved step is the step it stopped at
+    assert train.main([*args, "--steps", str(ckpt["step"] + 1), "--resume"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == ckpt["step"] + 1
 
 
 class Payload:

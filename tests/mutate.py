@@ -537,7 +537,8 @@ MUTATIONS = [
     Mutation("ctrl-c-not-handled", "Command line", "runs.py",
              "for sig in (signal.SIGINT, signal.SIGTERM):", "for sig in (signal.SIGTERM,):", (SIGNALS,)),
     Mutation("stop-without-a-checkpoint", "Command line", "training_loop.py",
-             "                bar.close()\n                hooks.checkpoint(step, final, elapsed)\n                raise Interrupted",
+             "                bar.close()\n                hooks.checkpoint(step, final, elapsed)\n"
+             "                raise Interrupted",
              "                bar.close()\n                raise Interrupted", (SIGNALS,)),
     Mutation("reconstructions-rows-swapped", "Command line", "train.py",
              "torch.cat([x, reconstruction])", "torch.cat([reconstruction, x])",

@@ -1,6 +1,6 @@
 """Mutation check: break README's promises on purpose, one line at a time, and see whether the tests notice.
 
-    python tests/mutate.py                 # every mutation (about 4 minutes on the 2-core development CPU)
+    python tests/mutate.py                 # every mutation (a quarter of an hour or more on a 2-core CPU)
     python tests/mutate.py --list          # the mutations, the file each edits and whether its target is there
     python tests/mutate.py --only NAME     # one mutation (repeat --only for several)
 

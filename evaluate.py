@@ -33,6 +33,7 @@ from checkpoint import load_checkpoint
 from codebook import perplexity_from_counts
 from image_data import CachedImages, DecodedImages, build_data, eval_loader, find_images, square_image
 from models import VQVAE
+from pixels import to_image_scale, to_model_scale
 from runs import (DataError, amp_dtype_for, autocast, pick_device, require_at_least, run_cli, script_parser,
                   use_channels_last)
 
@@ -99,8 +100,8 @@ def evaluate(model: VQVAE, loader: DataLoader, device: torch.device, amp_dtype: 
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with ctx:
-                out = model(x - 0.5)
-            reconstruction = (out.reconstruction.float() + 0.5).clamp_(0, 1)
+                out = model(to_model_scale(x))
+            reconstruction = to_image_scale(out.reconstruction)
             squared_error += (reconstruction - x).double().pow(2).sum()
             ssim_sum += ssim_per_image(reconstruction, x).double().sum()
             for count, vq in zip(counts, out.levels):

@@ -50,6 +50,7 @@ from torch import Tensor
 from checkpoint import config_from_dict, load_vqvae_for
 from extract_codes import read_codes
 from image_data import build_data, eval_loader
+from pixels import to_image_scale, to_model_scale
 from prior_checkpoint import (class_labels, code_levels, level_maps, load_prior, nll_metrics, nll_per_level,
                               nll_per_map, prior_levels)
 from runs import CheckpointError, pick_device, require_at_least, run_cli, script_parser
@@ -117,8 +118,8 @@ def fit_sigma(x: Tensor, mean: Tensor, low: float = 0.05, high: float = 255.0, i
 def decoder_means(vqvae, images: Tensor, device: torch.device) -> tuple[list[Tensor], Tensor]:
     """uint8 images (B, 3, S, S) -> (the code maps of each level, top first: [(B, S/4, S/4)] or [(B, S/8, S/8),
     (B, S/4, S/4)], decoder means in pixel units (B, 3, S, S) float64), CPU."""
-    codes = vqvae.encode(images.to(device).float().div(255).sub(0.5))
-    mean = (vqvae.decode(codes).double() + 0.5) * 255
+    codes = vqvae.encode(to_model_scale(images.to(device).float().div(255)))
+    mean = to_image_scale(vqvae.decode(codes).double(), clamp=False) * 255
     return [c.cpu() for c in ([codes] if vqvae.levels == 1 else codes)], mean.cpu()
 
 

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from checkpoint import load_checkpoint
 from evaluate import model_sized
 from image_data import CachedImages, PhotoCrops, build_data, collate, default_workers
+from pixels import to_model_scale
 from runs import (ConfigError, DataError, atomic_save, pick_device, read_plain_file, require_at_least, run_cli,
                   script_parser)
 
@@ -73,7 +74,7 @@ def encode_dataset(model, dataset: Dataset, keys: list, batch_size: int, device:
     codes, labels = [], []
     for batch, y in loader:
         for images in model_sized(batch) if len(batch) else ():
-            x = images.to(device).float().div_(255).sub_(0.5)       # (B, 3, S, S) in [-0.5, 0.5]
+            x = to_model_scale(images.to(device).float().div_(255))   # (B, 3, S, S) in [-0.5, 0.5]
             maps = model.encode(x)                                   # (B, S/4, S/4), or (top, bottom)
             codes.append([m.to("cpu", dtype) for m in ([maps] if isinstance(maps, torch.Tensor) else maps)])
         if len(batch):

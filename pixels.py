@@ -12,9 +12,11 @@ def to_model_scale(images: Tensor) -> Tensor:
     return images - 0.5
 
 
-def to_image_scale(x: Tensor) -> Tensor:
-    """A decoder's output in the model's [-0.5, 0.5] scale -> float32 images in [0, 1] (clamped)."""
-    return (x.float() + 0.5).clamp(0, 1)
+def to_image_scale(x: Tensor, clamp: bool = True) -> Tensor:
+    """A decoder's output in the model's [-0.5, 0.5] scale -> images in [0, 1], float32 (float64 stays float64),
+    clamped to [0, 1] unless `clamp` is False (the decoder's mean in a likelihood)."""
+    x = (x if x.dtype == torch.float64 else x.float()) + 0.5
+    return x.clamp(0, 1) if clamp else x
 
 
 class ImageCodec:

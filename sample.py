@@ -26,6 +26,7 @@ import torch
 from checkpoint import load_vqvae_for
 from hierarchy import VQVAE2
 from models import VQVAE
+from pixels import to_image_scale
 from prior_checkpoint import Prior, class_labels, load_prior
 from runs import ConfigError, atomic_write, pick_device, require_at_least, require_positive, run_cli, script_parser
 
@@ -46,7 +47,7 @@ def generate(prior: Prior, vqvae: VQVAE | VQVAE2, num: int, shape: tuple[int, in
     else:
         images = vqvae.decode(codes.to(on_vqvae))
         codes = codes.cpu()
-    return codes, (images.float() + 0.5).clamp(0, 1).cpu()
+    return codes, to_image_scale(images).cpu()
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> None:

@@ -44,6 +44,7 @@ from evaluate import evaluate
 from device_data import device_batches, fits_on_device
 from image_data import DataSplits, batches, build_data, default_workers, eval_loader, sample_validation_parts
 from models import VQVAE
+from pixels import to_image_scale, to_model_scale
 from runs import (TENSORBOARD_FILES, MetricsLog, Processes, amp_dtype_for, atomic_write, autocast,
                   deterministic_algorithms, init_processes, make_optimizer, open_run_folder, parse_args, pick_device,
                   restore_rng, restore_training, run_training_cli, use_channels_last)
@@ -74,7 +75,7 @@ def save_reconstructions(model: VQVAE, images: torch.Tensor, path: Path, device:
     model.eval()
     with torch.no_grad(), autocast(device, amp_dtype):
         x = images.to(device).float() / 255
-        reconstruction = (model(x - 0.5).reconstruction.float() + 0.5).clamp(0, 1)
+        reconstruction = to_image_scale(model(to_model_scale(x)).reconstruction)
     model.train(was_training)
     grid = torchvision.utils.make_grid(torch.cat([x, reconstruction]).cpu(), nrow=len(x), padding=2, pad_value=1.0)
     atomic_write(path, lambda tmp: torchvision.utils.save_image(grid, tmp))
@@ -229,7 +230,7 @@ def _train(c: Config, procs: Processes, device: torch.device, callback: Callable
     # the loop (training_loop.run_steps): one step, then what to show and save
     def train_step(step: int) -> torch.Tensor:
         images, _ = next(train_batches)
-        x = images.to(device, non_blocking=True).float().div_(255).sub_(0.5)   # (B, 3, H, W) in [-0.5, 0.5]
+        x = to_model_scale(images.to(device, non_blocking=True).float().div_(255))   # (B, 3, H, W) in [-0.5, 0.5]
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):

@@ -13,23 +13,50 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def nearest_code(flat: Tensor, codebook: Tensor, max_chunk_elements: int = 1 << 24) -> Tensor:
+GROUP = 64   # codes per group in the two-stage argmax of nearest_code
+
+
+def search_chunk_elements(device: torch.device) -> int:
+    """How many scores nearest_code holds at once on `device`: 2^18 (1 MiB) on a CPU, so a chunk's scores stay in
+    a core's L2 cache between the product that writes them and the argmax that reads them; 2^22 (16 MiB)
+    elsewhere, where memory is fast and every chunk costs a few kernel launches."""
+    return 1 << 18 if device.type == "cpu" else 1 << 22
+
+
+def nearest_code(flat: Tensor, codebook: Tensor, max_chunk_elements: int | None = None) -> Tensor:
     """Index of the nearest code (squared Euclidean distance) for each row: (N, D), (K, D) -> (N,) int64.
 
-    ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, and ||z||^2 is the same for every code, so the argmin is taken
-    over ||e||^2 - 2 z.e, computed in float32 by one matrix product per chunk of rows. A chunk holds at most
-    `max_chunk_elements` distances (64 MiB), so memory stays bounded however large N x K is.
+    ||z - e||^2 = ||z||^2 - 2 (z.e - ||e||^2 / 2), and ||z||^2 is the same for every code, so the nearest code is
+    the argmax of the score z.e + b with b = -||e||^2 / 2. Each chunk of rows gets its scores from one float32
+    matrix product of [z, 1] with [e, b] into a preallocated buffer (no broadcast of b over the rows), at most
+    `max_chunk_elements` scores at a time (by default search_chunk_elements of the device), so memory stays
+    bounded however large N x K is. The argmax is taken in two stages, which torch runs far faster than one
+    argmax over K: the codes in groups of GROUP, the group with the highest maximum, then the best code in that
+    group; the codes are padded up to whole groups with b = -inf, so a padding code never wins. The result is the
+    first best code, as scores.argmax(1) would give.
     """
     flat, codebook = flat.float(), codebook.float()
-    num_codes = codebook.shape[0]
-    chunk = max(1, max_chunk_elements // num_codes)
-    code_sq = codebook.pow(2).sum(1)                                   # (K,)
+    num_codes, dim = codebook.shape
+    group = min(GROUP, num_codes)
+    groups = -(-num_codes // group)
+    table = torch.zeros(groups * group, dim + 1, device=codebook.device)          # (K padded, D + 1): [e, b]
+    table[:num_codes, :dim] = codebook
+    table[:num_codes, dim] = codebook.pow(2).sum(1).mul_(-0.5)
+    table[num_codes:, dim] = float("-inf")
+    elements = max_chunk_elements or search_chunk_elements(flat.device)
+    chunk = max(1, min(elements // table.shape[0], flat.shape[0]))
+    rows = torch.ones(chunk, dim + 1, device=flat.device)                          # (n, D + 1): [z, 1]
+    scores = torch.empty(chunk, table.shape[0], device=flat.device)
+    row_index = torch.arange(chunk, device=flat.device)
     indices = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
     for start in range(0, flat.shape[0], chunk):
-        rows = flat[start:start + chunk]                               # (n, D)
-        scores = torch.addmm(code_sq, rows, codebook.t(), alpha=-2.0)  # (n, K): ||e||^2 - 2 z.e
-        indices[start:start + chunk] = scores.argmin(1)
-    return indices
+        n = min(chunk, flat.shape[0] - start)
+        rows[:n, :dim] = flat[start:start + n]
+        s = torch.mm(rows[:n], table.t(), out=scores[:n]).view(n, groups, group)   # (n, K) -> (n, G, group)
+        best_group = s.amax(2).argmax(1)                                           # (n,)
+        best_in_group = s[row_index[:n], best_group].argmax(1)                     # (n,)
+        torch.add(best_in_group, best_group, alpha=group, out=indices[start:start + n])
+    return indices.clamp_(max=num_codes - 1)   # only non-finite inputs score a padding code
 
 
 def code_counts(indices: Tensor, num_codes: int) -> Tensor:

@@ -171,7 +171,8 @@ def bench_step(size: int, batch: int, device: torch.device, repeats: int, length
 
 def report(results: dict) -> str:
     lines = [f"Machine: {results['machine']}; device {results['device']}, {results['threads']} threads.", "",
-             "| N x K x D | before ms | after ms | after / before | before peak MiB | after peak MiB | rows differing |",
+             "| N x K x D | before ms | after ms | after / before | before peak MiB | after peak MiB | "
+             "rows differing |",
              "|---|---|---|---|---|---|---|"]
     for r in results["search"]:
         lines.append(f"| {r['N']} x {r['K']} x {r['D']} | {r['before_ms']:.1f} | {r['after_ms']:.1f} | "
@@ -209,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of each search timing (median)")
     p.add_argument("--step-repeats", type=int, default=3, help="interleaved repeats of the train.py runs (median)")
-    p.add_argument("--lengths", default="5,25", help="the two run lengths in steps at 64 px (at 128 px batch 32: about half and two fifths)")
+    p.add_argument("--lengths", default="5,25",
+                   help="the two run lengths in steps at 64 px (at 128 px batch 32: half and two fifths of them)")
     p.add_argument("--step-before", action="store_true", help="also time the step with the reference search")
     p.add_argument("--no-step", action="store_true", help="time the search only")
     p.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")

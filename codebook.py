@@ -17,10 +17,11 @@ GROUP = 64   # scores per group in the two-stage argmax of nearest_code
 
 
 def search_chunk_elements(device: torch.device) -> int:
-    """How many scores nearest_code holds at once on `device`. On a CPU 2^18 (1 MiB) per thread, at most 2^22: each
-    thread's share of the scores stays in its core's L2 cache between the product that writes them and the
-    argmax that reads them. Elsewhere 2^22 (16 MiB): memory is fast, and every chunk costs a few kernel launches."""
-    return min(1 << 22, (1 << 18) * torch.get_num_threads()) if device.type == "cpu" else 1 << 22
+    """How many scores nearest_code holds at once on `device`. On a CPU 2^21 (8 MiB): few enough to stay in the
+    cache between the product that writes them and the argmax that reads them, and enough that each of a chunk's
+    operations, split over the cores, is worth starting (many small parallel operations stall whenever a core is
+    busy elsewhere). Elsewhere 2^22 (16 MiB): memory is fast, and every chunk costs a few kernel launches."""
+    return 1 << 21 if device.type == "cpu" else 1 << 22
 
 
 def argmax_in_groups(scores: Tensor, group: int) -> Tensor:

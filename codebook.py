@@ -13,23 +13,57 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def nearest_code(flat: Tensor, codebook: Tensor, max_chunk_elements: int = 1 << 24) -> Tensor:
+GROUP = 64   # scores per group in the two-stage argmax of nearest_code
+
+
+def search_chunk_elements(device: torch.device) -> int:
+    """How many scores nearest_code holds at once on `device`. On a CPU 2^21 (8 MiB): few enough to stay in the
+    cache between the product that writes them and the argmax that reads them, and enough that each of a chunk's
+    operations, split over the cores, is worth starting (many small parallel operations stall whenever a core is
+    busy elsewhere). Elsewhere 2^22 (16 MiB): memory is fast, and every chunk costs a few kernel launches."""
+    return 1 << 21 if device.type == "cpu" else 1 << 22
+
+
+def argmax_in_groups(scores: Tensor, group: int) -> Tensor:
+    """(n, K), K a multiple of `group` -> (n,) the index of each row's first maximum, exactly as scores.argmax(1)
+    (NaN counting as the largest), found in two stages that torch runs far faster than one argmax over a long
+    row: the first group of `group` consecutive scores holding the row's maximum, then the first maximum in it."""
+    n = scores.shape[0]
+    s = scores.view(n, -1, group)                                                      # (n, K) -> (n, G, group)
+    best_group = s.amax(2).max(1).indices                                              # (n,)
+    best_in_group = s[torch.arange(n, device=scores.device), best_group].max(1).indices   # (n,)
+    return best_group * group + best_in_group
+
+
+def nearest_code(flat: Tensor, codebook: Tensor, max_chunk_elements: int | None = None) -> Tensor:
     """Index of the nearest code (squared Euclidean distance) for each row: (N, D), (K, D) -> (N,) int64.
 
-    ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, and ||z||^2 is the same for every code, so the argmin is taken
-    over ||e||^2 - 2 z.e, computed in float32 by one matrix product per chunk of rows. A chunk holds at most
-    `max_chunk_elements` distances (64 MiB), so memory stays bounded however large N x K is.
+    ||z - e||^2 = ||z||^2 - 2 (z.e - ||e||^2 / 2), and ||z||^2 is the same for every code, so the nearest code has
+    the highest score z.e + b, b = -||e||^2 / 2. A chunk of rows gets its scores from one float32 matrix product
+    of [z, 1] with [e, b] written into a preallocated buffer (b is never broadcast over the rows), at most
+    `max_chunk_elements` scores at a time (by default search_chunk_elements of the device), so memory stays
+    bounded however large N x K is; the product has an explicit output, so autocast leaves it in float32. The
+    codes are padded up to whole groups of GROUP with b = -inf (a padding code never wins) for argmax_in_groups.
     """
     flat, codebook = flat.float(), codebook.float()
-    num_codes = codebook.shape[0]
-    chunk = max(1, max_chunk_elements // num_codes)
-    code_sq = codebook.pow(2).sum(1)                                   # (K,)
+    num_codes, dim = codebook.shape
+    group = min(GROUP, num_codes)
+    padded = -(-num_codes // group) * group
+    table = torch.zeros(padded, dim + 1, device=codebook.device)                   # (K padded, D + 1): [e, b]
+    table[:num_codes, :dim] = codebook
+    table[:num_codes, dim] = codebook.pow(2).sum(1).mul_(-0.5)
+    table[num_codes:, dim] = float("-inf")
+    elements = max_chunk_elements or search_chunk_elements(flat.device)
+    chunk = max(1, min(elements // padded, flat.shape[0]))
+    rows = torch.ones(chunk, dim + 1, device=flat.device)                          # (n, D + 1): [z, 1]
+    scores = torch.empty(chunk, padded, device=flat.device)
     indices = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
     for start in range(0, flat.shape[0], chunk):
-        rows = flat[start:start + chunk]                               # (n, D)
-        scores = torch.addmm(code_sq, rows, codebook.t(), alpha=-2.0)  # (n, K): ||e||^2 - 2 z.e
-        indices[start:start + chunk] = scores.argmin(1)
-    return indices
+        n = min(chunk, flat.shape[0] - start)
+        rows[:n, :dim] = flat[start:start + n]
+        torch.mm(rows[:n], table.t(), out=scores[:n])                              # (n, K padded): z.e + b
+        indices[start:start + n] = argmax_in_groups(scores[:n], group)
+    return indices.clamp_(max=num_codes - 1)   # only a non-finite z can score a padding code highest
 
 
 def code_counts(indices: Tensor, num_codes: int) -> Tensor:

@@ -46,6 +46,8 @@ P, PD, PR = "tests/test_promises.py", "tests/test_promises_data.py", "tests/test
 M = "tests/test_memory.py"
 L, H = "tests/test_prior_levels.py", "tests/test_hierarchy.py"
 Q = "tests/test_quantizer_options.py"
+S = "tests/test_search.py"
+S4 = f"{S}::test_the_quantizers_search_equals_a_float64_brute_force[True-cosine-4d-lookup-"   # under autocast
 CLIP = "tests/test_train.py::test_clip_grad_norm_scales_the_gradients_down_to_the_norm_and_keeps_their_direction"
 EMA_GLOO = "tests/test_reliability.py::test_two_gloo_processes_hold_identical_codebooks_and_match_one_process"
 VQ_GLOO = "tests/test_reliability.py::test_the_plain_quantizer_on_two_gloo_processes_matches_one_process"
@@ -62,8 +64,28 @@ SIGMA = f"{R2R}::test_the_decoder_term_fits_sigma_on_the_training_images_and_sco
 MUTATIONS = [
     # ---- the quantizers' maths (README "The model")
     Mutation("nearest-code-distance", "The model", "codebook.py",
-             "codebook.t(), alpha=-2.0)", "codebook.t(), alpha=-1.0)",
-             ("tests/test_models.py::test_nearest_codes_match_brute_force",)),
+             "table[:num_codes, dim] = codebook.pow(2).sum(1).mul_(-0.5)",
+             "table[:num_codes, dim] = codebook.pow(2).sum(1).mul_(-1.0)",
+             ("tests/test_models.py::test_nearest_codes_match_brute_force",
+              f"{S}::test_nearest_code_equals_a_float64_brute_force")),
+    Mutation("search-chunk-drops-a-row", "The model", "codebook.py",
+             "n = min(chunk, flat.shape[0] - start)", "n = min(chunk - 1, flat.shape[0] - start)",
+             (f"{S}::test_nearest_code_equals_a_float64_brute_force",)),
+    Mutation("search-padding-code-can-win", "The model", "codebook.py",
+             'table[num_codes:, dim] = float("-inf")', "table[num_codes:, dim] = 0.0",
+             (f"{S}::test_nearest_code_equals_a_float64_brute_force",)),
+    Mutation("search-lowest-group", "The model", "codebook.py",
+             "best_group = s.amax(2).max(1).indices", "best_group = s.amax(2).min(1).indices",
+             (f"{S}::test_argmax_in_groups_is_the_first_maximum",)),
+    Mutation("search-lowest-in-group", "The model", "codebook.py",
+             "best_group].max(1).indices", "best_group].min(1).indices",
+             (f"{S}::test_argmax_in_groups_is_the_first_maximum",)),
+    Mutation("search-group-stride-off-by-one", "The model", "codebook.py",
+             "return best_group * group + best_in_group", "return best_group * (group - 1) + best_in_group",
+             (f"{S}::test_argmax_in_groups_is_the_first_maximum",)),
+    Mutation("search-index-out-of-range", "The model", "codebook.py",
+             "return indices.clamp_(max=num_codes - 1)", "return indices",
+             (f"{S}::test_a_non_finite_row_still_gets_a_code",)),
     Mutation("vq-loss-beta-on-codebook-term", "The model", "models.py",
              "loss = codebook_loss + self.beta * commitment_loss", "loss = self.beta * codebook_loss + commitment_loss",
              ("tests/test_models.py::test_beta_weights_the_commitment_term",)),
@@ -84,11 +106,13 @@ MUTATIONS = [
              "            codebook_loss",
              "with torch.autocast(z.device.type, enabled=True):\n            flat, indices, codes = self._search(z)\n"
              "            codebook_loss",
-             (f"{P}::test_search_under_bf16_autocast_equals_float64_brute_force",)),
+             (f"{P}::test_search_under_bf16_autocast_equals_float64_brute_force",
+              f"{S4}VectorQuantizer]", f"{S4}VectorQuantizerEMA]")),
     Mutation("encode-search-in-bf16", "The model", "models.py",
              "with torch.autocast(z.device.type, enabled=False):\n            return nearest_code(",
              "with torch.autocast(z.device.type, enabled=True):\n            return nearest_code(",
-             (f"{P}::test_search_under_bf16_autocast_equals_float64_brute_force",)),
+             (f"{P}::test_search_under_bf16_autocast_equals_float64_brute_force",
+              f"{S4}VectorQuantizer]", f"{S4}VectorQuantizerEMA]")),
     # ---- the EMA update (README "The model": appendix A.1, "Where this repo differs")
     Mutation("ema-counts-start-at-zero", "The model", "models.py",
              'self.register_buffer("cluster_size", torch.ones(num_embeddings))',

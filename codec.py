@@ -276,9 +276,11 @@ def load_models(prior_path: str | Path, vqvae_path: str | Path | None = None,
     from prior_checkpoint import load_prior
 
     prior, _, ckpt = load_prior(prior_path, "cpu")
-    if prior.num_classes:
+    levels = [prior.top, prior.bottom] if prior.levels == 2 else [prior]
+    # a transformer trained with class dropout is also the unconditional prior: given no class, its "no class" token
+    if any(level.num_classes and not getattr(level, "class_dropout", 0) for level in levels):
         raise ConfigError(f"{prior_path} is a class-conditional prior; the codec codes with an unconditional one "
-                          f"(train_prior.py --no-conditional)")
+                          f"(train_prior.py --no-conditional, or a transformer trained with --class-dropout above 0)")
     vqvae = load_vqvae_for(ckpt, torch.device(device), None if vqvae_path is None else str(vqvae_path))
     return Models(vqvae, prior, tuple(ckpt["map_shape"]))
 

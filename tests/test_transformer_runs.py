@@ -136,7 +136,7 @@ def other_transformers(trained):
             "pixelcnn": trained["prior_ckpt"], "transformer": trained["t_ckpt"]}
 
 
-@pytest.mark.parametrize("prior, extra, words", [
+BAD_SAMPLE_INPUTS = [
     ("transformer", ["--top-k", "0"], ["--top-k", "from 1 to", "K = 16", "got 0"]),
     ("transformer", ["--top-k", "17"], ["--top-k", "K = 16", "got 17"]),
     ("pixelcnn", ["--top-k", "17"], ["--top-k", "K = 16"]),
@@ -148,7 +148,11 @@ def other_transformers(trained):
     ("pixelcnn", ["--cfg", "2"], ["--cfg", "PixelCNN", "--arch transformer", "leave --cfg out"]),
     ("no-dropout", ["--cfg", "2"], ["--cfg", "--class-dropout 0", "--class-dropout 0.1"]),
     ("no-classes", ["--cfg", "2"], ["--cfg", "no classes", "leave --cfg out"]),
-], ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+]
+
+
+@pytest.mark.parametrize("prior, extra, words", BAD_SAMPLE_INPUTS,
+                         ids=[f"{prior} {' '.join(extra)}" for prior, extra, _ in BAD_SAMPLE_INPUTS])
 def test_sample_bad_inputs(prior, extra, words, other_transformers, tmp_path, capsys, plain_warnings):  # noqa: F811
     argv = ["--checkpoint", other_transformers[prior], "--device", "cpu", "--num", 2, "--out", tmp_path / "s.png",
             *extra]

@@ -225,7 +225,7 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         kind = FILE_KINDS.get(ckpt.get("format")) if isinstance(ckpt, dict) else None
         raise CheckpointError(f"{path} is {kind + ', ' if kind else ''}not a checkpoint written by this repo's "
-                              f"train.py")
+                              f"train.py: pass the checkpoint.pt of a VQ-VAE run")
     return ckpt
 
 

@@ -15,10 +15,13 @@ How a photo of any size is coded:
   step per code, 19,200 in a row;
 - positions of edge tiles beyond the map are filled with the prior's most likely code and not coded;
 - with two levels the top map's tiles come first, then the bottom map's tiles (twice the size), each given the
-  matching top tile, as the 2-level prior models them.
+  matching top tile, as the 2-level prior models them;
+- the prior is unconditional: a PixelCNN trained with --no-conditional, or a transformer (either level's kind of
+  prior, `in_raster_order` with its KV cache) trained without classes or with --class-dropout, given its "no class"
+  token.
 
 Exactness: the decoder must rebuild the probabilities the encoder used, bit for bit, although it computes them
-position by position. So the encoder computes them the same way (`GatedPixelCNN.in_raster_order`, both sides), on
+position by position. So the encoder computes them the same way (the prior's `in_raster_order`, both sides), on
 the CPU, in float32, with one thread, whatever device and precision the VQ-VAE runs in; the probabilities are
 the float64 softmax of those logits. The file keeps a CRC-32 of the code maps, so a decoder whose arithmetic
 differs (another CPU's vector unit, another torch or constriction version) stops with an error instead of
@@ -276,9 +279,11 @@ def load_models(prior_path: str | Path, vqvae_path: str | Path | None = None,
     from prior_checkpoint import load_prior
 
     prior, _, ckpt = load_prior(prior_path, "cpu")
-    if prior.num_classes:
+    levels = [prior.top, prior.bottom] if prior.levels == 2 else [prior]
+    # a transformer trained with class dropout is also the unconditional prior: given no class, its "no class" token
+    if any(level.num_classes and not getattr(level, "class_dropout", 0) for level in levels):
         raise ConfigError(f"{prior_path} is a class-conditional prior; the codec codes with an unconditional one "
-                          f"(train_prior.py --no-conditional)")
+                          f"(train_prior.py --no-conditional, or a transformer trained with --class-dropout above 0)")
     vqvae = load_vqvae_for(ckpt, torch.device(device), None if vqvae_path is None else str(vqvae_path))
     return Models(vqvae, prior, tuple(ckpt["map_shape"]))
 

@@ -1,5 +1,5 @@
-"""Evaluate a trained PixelCNN prior: the validation NLL of the codes, a unigram baseline, and an upper bound on the
-images' bits per dimension (arXiv 1711.00937, section 3.2; the prior of arXiv 1606.05328).
+"""Evaluate a trained prior (gated PixelCNN or transformer): the validation NLL of the codes, a unigram baseline, and
+an upper bound on the images' bits per dimension (arXiv 1711.00937, section 3.2; the prior of arXiv 1606.05328).
 
     python evaluate_prior.py --checkpoint runs/sample-prior/checkpoint.pt [--time-sampling]
 
@@ -22,7 +22,7 @@ The method, step by step:
    tail above 254.5). The Gaussian is the likelihood the VQ-VAE's MSE objective assumes; sigma is fitted by maximum
    likelihood on the TRAINING images (one un-augmented pass) and evaluated on the VALIDATION images. The bound is
    printed for three priors with the same decoder term: uniform (ln K nats per code, what the VQ-VAE's training
-   assumes), unigram, and the PixelCNN.
+   assumes), unigram, and the trained prior (keyed by its arch, "pixelcnn" or "transformer"; `arch` names it).
 
 The last line printed is one JSON object with every number. --time-sampling adds the median time of drawing 16 maps
 (the prior's map size) over --runs runs, after one warm-up run.
@@ -52,7 +52,7 @@ from extract_codes import read_codes
 from image_data import build_data, eval_loader
 from pixels import to_image_scale, to_model_scale
 from prior_checkpoint import (class_labels, code_levels, level_maps, load_prior, nll_metrics, nll_per_level,
-                              nll_per_map, prior_levels)
+                              nll_per_map, prior_arch, prior_levels)
 from runs import CheckpointError, pick_device, require_at_least, run_cli, script_parser
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,7 +236,8 @@ def evaluate_prior(checkpoint: str, device: torch.device, bits_per_dim: bool = T
     prior_nats = nll_metrics(nll, h * w)["nll_nats"]
     unigram = unigram_cross_entropy(codes["train_codes"], val_codes, k)
     report = {
-        "checkpoint": checkpoint, "codes": ckpt["codes"], "step": ckpt["step"], "num_embeddings": k,
+        "checkpoint": checkpoint, "codes": ckpt["codes"], "step": ckpt["step"], "arch": prior_arch(ckpt),
+        "num_embeddings": k,
         "map_shape": [h, w], "val_maps": len(val_codes), "train_maps": len(codes["train_codes"]),
         "prior_nats_per_code": prior_nats, "prior_bits_per_code": prior_nats / math.log(2),
         "unigram_nats_per_code": unigram, "unigram_bits_per_code": unigram / math.log(2),
@@ -247,7 +248,7 @@ def evaluate_prior(checkpoint: str, device: torch.device, bits_per_dim: bool = T
     if bits_per_dim:
         dec = decoder_term(load_vqvae_for(ckpt, device, vqvae), config_from_dict(ckpt["vqvae"]["config"]),
                            codes["data"], [val_codes], device)
-        priors = (("uniform", math.log(k)), ("unigram", unigram), ("pixelcnn", prior_nats))
+        priors = (("uniform", math.log(k)), ("unigram", unigram), (prior_arch(ckpt), prior_nats))
         report.update(bits_per_dim_terms(dec, {name: nats * h * w for name, nats in priors}))
     if time_runs:
         labels = class_labels(None, ckpt["classes"], 16, conditional)
@@ -263,7 +264,8 @@ def evaluate_two_levels(prior, ckpt: dict, codes: dict, checkpoint: str, device:
     conditional = prior.num_classes > 0
     train_maps, val_maps = level_maps(codes, "train"), level_maps(codes, "val")
     nlls = nll_per_level(prior, val_maps, codes["val_labels"] if conditional else None, device)   # (N,) per level
-    report = {"checkpoint": checkpoint, "codes": ckpt["codes"], "step": ckpt["step"], "levels": 2, "num_embeddings": k,
+    report = {"checkpoint": checkpoint, "codes": ckpt["codes"], "step": ckpt["step"], "levels": 2,
+              "arch": prior_arch(ckpt), "num_embeddings": k,
               "num_embeddings_top": ks[0], "map_shape": [h, w], "top_map_shape": list(val_maps[0].shape[1:]),
               "val_maps": len(val_maps[0]), "train_maps": len(train_maps[0])}
     for name, nll, train, val, k_level in zip(("top", "bottom"), nlls, train_maps, val_maps, ks):
@@ -285,7 +287,7 @@ def evaluate_two_levels(prior, ckpt: dict, codes: dict, checkpoint: str, device:
         dec = decoder_term(load_vqvae_for(ckpt, device, vqvae), config_from_dict(ckpt["vqvae"]["config"]),
                            codes["data"], val_maps, device)
         report.update(bits_per_dim_terms(dec, {"uniform": report["uniform_nats_per_image"],
-                                               "unigram": per_image["unigram"], "pixelcnn": per_image["prior"]}))
+                                               "unigram": per_image["unigram"], prior_arch(ckpt): per_image["prior"]}))
     if time_runs:
         labels = class_labels(None, ckpt["classes"], 16, conditional)
         report["sampling"] = sampling_time(prior, (h, w), 16, time_runs, labels)
@@ -294,6 +296,15 @@ def evaluate_two_levels(prior, ckpt: dict, codes: dict, checkpoint: str, device:
 
 ROWS = (("uniform (ln K)", "uniform"), ("unigram (train freq., on val)", "unigram"),
         ("val codes' own entropy", "val_entropy"), ("gated PixelCNN", "prior"))
+NAMES = {"pixelcnn": "PixelCNN", "transformer": "transformer"}   # the prior's name in the printed report
+
+
+def rows(r: dict) -> tuple:
+    """ROWS, the last one named by the report's prior (for 2 levels its top prior; the bottom is a PixelCNN)."""
+    arch = r.get("arch", "pixelcnn")
+    name = "gated PixelCNN" if arch == "pixelcnn" else ("transformer" if r.get("levels", 1) == 1 else
+                                                        "transformer top, PixelCNN bottom")
+    return (*ROWS[:-1], (name, "prior"))
 
 
 def print_levels(r: dict) -> None:
@@ -303,10 +314,10 @@ def print_levels(r: dict) -> None:
           f"{r['num_embeddings_top']} and bottom {bottom[0]}x{bottom[1]} of K = {r['num_embeddings']}; "
           f"{r['train_maps']} training and {r['val_maps']} validation images")
     print("validation NLL of the codes          top nats/code  bottom nats/code (given the top map)")
-    for name, key in ROWS:
+    for name, key in rows(r):
         nats = [r[level][f"{key}_nats_per_code"] for level in ("top", "bottom")]
         print(f"  {name:34s} {nats[0]:13.4f}  {nats[1]:16.4f}")
-    print(f"per image, both levels: PixelCNN {r['prior_nats_per_image']:.2f} nats, unigram "
+    print(f"per image, both levels: {NAMES[r.get('arch', 'pixelcnn')]} {r['prior_nats_per_image']:.2f} nats, unigram "
           f"{r['unigram_nats_per_image']:.2f} nats: {r['reduction_vs_unigram']:.1%} lower")
 
 
@@ -317,16 +328,16 @@ def print_report(r: dict) -> None:
         print(f"prior {r['checkpoint']} (step {r['step']}), K = {r['num_embeddings']}, {r['map_shape'][0]}x"
               f"{r['map_shape'][1]} code maps; {r['train_maps']} training and {r['val_maps']} validation maps")
         print("validation NLL of the codes          nats/code  bits/code")
-        for name, key in ROWS:
+        for name, key in rows(r):
             nats = r[f"{key}_nats_per_code"]
             print(f"  {name:34s} {nats:9.4f}  {nats / math.log(2):9.4f}")
-        print(f"PixelCNN vs unigram: {r['reduction_vs_unigram']:.1%} lower")
+        print(f"{NAMES[r.get('arch', 'pixelcnn')]} vs unigram: {r['reduction_vs_unigram']:.1%} lower")
     if "bits_per_dim_bound" in r:
         print(f"decoder term: discretised Gaussian, sigma = {r['decoder_sigma']:.3f} levels (fitted on "
               f"{r['sigma_fit_images']} training images): {r['decoder_bits_per_dim']:.4f} bits/dim")
         print("bits/dim upper bound = (NLL_prior(z) + NLL_decoder(x|z)) / (D ln 2), D = "
               f"{r['dims_per_image']}:")
-        for name in ("uniform", "unigram", "pixelcnn"):
+        for name in ("uniform", "unigram", r.get("arch", "pixelcnn")):
             print(f"  prior {name:9s} {r['bpd_prior_term'][name]:.4f} + {r['decoder_bits_per_dim']:.4f} = "
                   f"{r['bits_per_dim_bound'][name]:.4f} bits/dim")
     if "sampling" in r:

@@ -4,7 +4,8 @@
     p(z_top, z_bottom | y) = p(z_top | y) * p(z_bottom | z_top, y)
 
 - the top prior is a gated PixelCNN (prior.GatedPixelCNN, arXiv 1606.05328) over the top map, optionally with one
-  causal self-attention block (the paper's top prior has attention; PixelSNAIL, arXiv 1712.09763);
+  causal self-attention block (the paper's top prior has attention; PixelSNAIL, arXiv 1712.09763), or with
+  arch="transformer" a decoder-only transformer over it (transformer_prior.TransformerPrior);
 - the bottom prior is a gated PixelCNN over the bottom map conditioned on the whole top map through a conditioning
   stack (eq. 5 of 1606.05328 with a spatial h): the top codes are embedded, passed through a 3x3 convolution and
   residual blocks at the top resolution, and brought to the bottom resolution by a 4x4 stride-2 transposed
@@ -13,7 +14,7 @@
 
 The two priors share no weights and their losses are a sum, so training them together in one optimizer (Adam is
 per parameter) is training each on its own with the same batches. Sampling draws the top map, then the bottom map
-given it, each with prior.GatedPixelCNN's cached raster-order sampler.
+given it, each with its prior's cached raster-order sampler.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from models import ResidualStack
 from prior import GatedPixelCNN
+from transformer_prior import TransformerPrior
 
 
 class LevelOutputs(NamedTuple):
@@ -66,6 +68,8 @@ class HierarchicalPrior(nn.Module):
 
     num_classes, channels, num_layers, kernel_size, dropout: as for prior.GatedPixelCNN, the same for both priors.
     attention, heads: one causal self-attention block in the top prior (the paper's top prior has attention).
+    arch: "pixelcnn", or "transformer" for a TransformerPrior over the top map of `top_shape` (h, w), of `width`,
+    `depth` blocks, `heads` and `class_dropout` (the bottom prior stays the conditioned gated PixelCNN).
     cond_channels: width of the conditioning stack and of the map s it gives the bottom prior (eq. 5 of arXiv
     1606.05328); cond_blocks: its residual blocks at the top resolution.
     Example: [l.shape for l in HierarchicalPrior(16)(torch.zeros(2, 4, 4).long(), torch.zeros(2, 8, 8).long())]
@@ -76,7 +80,9 @@ class HierarchicalPrior(nn.Module):
 
     def __init__(self, num_embeddings: int, num_classes: int = 0, channels: int = 32, num_layers: int = 8,
                  kernel_size: int = 5, dropout: float = 0.0, attention: bool = False, heads: int = 4,
-                 cond_channels: int = 32, cond_blocks: int = 2, top_num_embeddings: int | None = None):
+                 cond_channels: int = 32, cond_blocks: int = 2, top_num_embeddings: int | None = None,
+                 arch: str = "pixelcnn", top_shape: tuple[int, int] = (8, 8), width: int = 128, depth: int = 4,
+                 class_dropout: float = 0.0):
         super().__init__()
         if cond_channels < 1:
             raise ValueError(f"the bottom prior needs a conditioning map: cond_channels must be at least 1, got "
@@ -85,7 +91,11 @@ class HierarchicalPrior(nn.Module):
         self.top_num_embeddings = top_num_embeddings = top_num_embeddings or num_embeddings
         shared = dict(num_classes=num_classes, channels=channels, num_layers=num_layers, kernel_size=kernel_size,
                       dropout=dropout)
-        self.top = GatedPixelCNN(top_num_embeddings, attention=attention, heads=heads, **shared)
+        if arch == "transformer":
+            self.top = TransformerPrior(top_num_embeddings, num_classes, tuple(top_shape), width, depth, heads,
+                                        dropout, class_dropout)
+        else:
+            self.top = GatedPixelCNN(top_num_embeddings, attention=attention, heads=heads, **shared)
         self.conditioning = ConditioningStack(top_num_embeddings, cond_channels, cond_blocks)
         self.bottom = GatedPixelCNN(num_embeddings, cond_channels=cond_channels, **shared)
 
@@ -108,14 +118,19 @@ class HierarchicalPrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, num: int, shape: tuple[int, int], temperature: float = 1.0, labels: Tensor | None = None,
-               generator: torch.Generator | None = None) -> LevelOutputs:
+               generator: torch.Generator | None = None, top_k: int = 0, top_p: float = 1.0,
+               guidance: float | None = None) -> LevelOutputs:
         """Draw `num` pairs of maps, the bottom map of `shape` (h, w) (both even): the top map (num, h/2, w/2) from
         the top prior, then the bottom map (num, h, w) from the bottom prior given it; int64 in [0, K). The
-        arguments are those of GatedPixelCNN.sample; one generator serves both levels, top first."""
+        arguments are those of GatedPixelCNN.sample, for both levels; one generator serves both levels, top first.
+        guidance: the classifier-free guidance scale of a transformer top prior (the bottom prior draws from
+        p(z_bottom | z_top, y))."""
         height, width = shape
         if height % 2 or width % 2:
             raise ValueError(f"the bottom map's size must be even (twice the top map's), got {shape}")
-        top = self.top.sample(num, (height // 2, width // 2), temperature, labels, generator)
+        guided = {} if guidance is None else {"guidance": guidance}
+        top = self.top.sample(num, (height // 2, width // 2), temperature, labels, generator, top_k=top_k,
+                              top_p=top_p, **guided)
         cond = self.conditioning(top)                   # (num, C, h, w); the stack has no dropout or batch statistics
-        bottom = self.bottom.sample(num, shape, temperature, labels, generator, cond)
+        bottom = self.bottom.sample(num, shape, temperature, labels, generator, cond, top_k=top_k, top_p=top_p)
         return LevelOutputs(top, bottom)

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transformer_prior import filtered_probs
+
 
 def down_shift(x: Tensor) -> Tensor:
     """(B, C, H, W): row i takes row i-1's values, row 0 zeros; position (i, j) then sees only rows above i."""
@@ -248,11 +250,14 @@ class GatedPixelCNN(nn.Module):
 
     @torch.no_grad()
     def sample(self, num: int, shape: tuple[int, int], temperature: float = 1.0, labels: Tensor | None = None,
-               generator: torch.Generator | None = None, cond: Tensor | None = None) -> Tensor:
+               generator: torch.Generator | None = None, cond: Tensor | None = None, top_k: int = 0,
+               top_p: float = 1.0) -> Tensor:
         """Draw `num` code maps of `shape` (h, w) in raster order: (num, h, w) int64 in [0, K).
 
         temperature: the logits are divided by it before the softmax (1: the model's distribution; below 1:
-        sharper). labels: (num,) class labels for a conditional prior; cond: (num, cond_channels, h, w), the
+        sharper); top_k, top_p: keep the k most likely codes (0: all), then the fewest most likely codes whose
+        probability reaches p (transformer_prior.filtered_probs). labels: (num,) class labels for a conditional
+        prior; cond: (num, cond_channels, h, w), the
         conditioning map of a prior built with cond_channels. generator: a torch.Generator on the
         model's device, for reproducible samples. The model is put in eval mode (no dropout) and back.
 
@@ -269,15 +274,15 @@ class GatedPixelCNN(nn.Module):
         if self.embedding.weight.device.type == "cpu":
             torch.set_num_threads(1)
         try:
-            return self._sample(num, shape, temperature, labels, generator, cond)
+            return self._sample(num, shape, temperature, labels, generator, cond, top_k, top_p)
         finally:
             torch.set_num_threads(threads)
             self.train(was_training)
 
     def _sample(self, num: int, shape: tuple[int, int], temperature: float, labels: Tensor | None,
-                generator: torch.Generator | None, cond: Tensor | None) -> Tensor:
+                generator: torch.Generator | None, cond: Tensor | None, top_k: int = 0, top_p: float = 1.0) -> Tensor:
         def draw(i: int, j: int, logits: Tensor) -> Tensor:
-            probs = F.softmax(logits / temperature, dim=1)
+            probs = filtered_probs(logits, temperature, top_k, top_p)
             return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
         return self.in_raster_order(num, shape, draw, labels, cond)

@@ -6,8 +6,9 @@ the training loop (train_prior.py), as checkpoint.py is for the VQ-VAE:
 
 - `PriorConfig`: one dataclass for a prior run, saved as `asdict(config)` in every checkpoint; train_prior.py's
   flags are its fields;
-- `model_args` / `build_prior`: the GatedPixelCNN (1 level) or HierarchicalPrior (2 levels) a config and a codes
-  file describe;
+- `model_args` / `build_prior`: the prior a config and a codes file describe: with --arch pixelcnn a GatedPixelCNN
+  (1 level) or HierarchicalPrior (2 levels); with --arch transformer a TransformerPrior (1 level) or a
+  HierarchicalPrior whose top prior is a TransformerPrior (2 levels; the bottom stays the conditioned PixelCNN);
 - `save_prior_checkpoint` / `read_prior_checkpoint` / `load_prior`: prior, optimizer, step, RNG state, config, the
   model's arguments, the map shapes, the codes file, and the path and config of the VQ-VAE whose codes it models, in
   one file written atomically and loaded with torch.load(..., weights_only=True); `load_prior(path)` rebuilds the
@@ -27,15 +28,18 @@ import torch
 
 from hierarchical_prior import HierarchicalPrior
 from prior import GatedPixelCNN
+from transformer_prior import TransformerPrior
 from runs import CheckpointError, ConfigError, atomic_save, read_plain_file, training_state
 
-CHECKPOINT_FORMAT = "pixelcnn-prior-v1"
+CHECKPOINT_FORMAT = "pixelcnn-prior-v1"   # both kinds of prior; model_args["arch"] names a transformer
+ARCHS = ("pixelcnn", "transformer")
 
 
 @dataclass
 class PriorConfig:
     # data
     codes: str = "runs/sample/codes.pt"  # code maps written by extract_codes.py
+    arch: str = "pixelcnn"          # the prior: pixelcnn (gated PixelCNN) or transformer (for 2 levels: the top prior)
     # model (gated PixelCNN, arXiv 1606.05328)
     channels: int = 32              # width of the vertical and horizontal stacks
     num_layers: int = 8             # gated layers; each adds kernel_size // 2 to the reach up, left and right
@@ -46,6 +50,10 @@ class PriorConfig:
     heads: int = 4                  # attention heads (channels must be a multiple)
     cond_channels: int = 32         # 2-level codes only: width of the bottom prior's conditioning stack on the top map
     cond_blocks: int = 2            # 2-level codes only: residual blocks of that stack at the top resolution
+    # model (--arch transformer, transformer_prior.py; --heads and --dropout as above)
+    width: int = 128                # transformer: width of the token embeddings and of every block
+    depth: int = 4                  # transformer: blocks (attention + MLP)
+    class_dropout: float = 0.1      # transformer: share of training maps whose class is dropped (for --cfg sampling)
     # optimisation
     steps: int = 2000               # optimizer steps in total (a resumed run continues up to this number)
     batch_size: int = 32            # code maps per step
@@ -54,6 +62,8 @@ class PriorConfig:
     # hardware
     device: str = "auto"            # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     amp: str = "auto"               # bf16 autocast for training: auto (on CUDA and CPUs with native bf16), bf16, or off
+    compile: bool = False           # torch.compile the prior for training (slow first step, faster after)
+    compile_mode: str = "default"   # with --compile: default, reduce-overhead (CUDA graphs) or max-autotune
     # run folder and logging
     out: str = "runs/sample-prior"  # run folder: config.json, metrics.jsonl, checkpoint.pt
     resume: bool = False            # continue from the checkpoint in --out (starts fresh if there is none)
@@ -64,9 +74,10 @@ class PriorConfig:
     tensorboard: bool = False       # also write TensorBoard event files into --out (tensorboard --logdir runs)
 
 
-MODEL_FIELDS = ("channels", "num_layers", "kernel_size", "dropout", "conditional", "attention", "heads",
-                "cond_channels", "cond_blocks")
-Prior = GatedPixelCNN | HierarchicalPrior
+MODEL_FIELDS = ("arch", "channels", "num_layers", "kernel_size", "dropout", "conditional", "attention", "heads",
+                "cond_channels", "cond_blocks", "width", "depth", "class_dropout")
+TRANSFORMER_FIELDS = ("width", "depth", "class_dropout")   # shape only a transformer prior
+Prior = GatedPixelCNN | TransformerPrior | HierarchicalPrior
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,23 +106,43 @@ def level_maps(codes: dict, split: str) -> list[torch.Tensor]:
 
 
 def model_args(c: PriorConfig, num_embeddings: int, classes: list[str], levels: int = 1,
-               top_num_embeddings: int | None = None) -> dict:
-    """The keyword arguments of GatedPixelCNN (1 level) or HierarchicalPrior (2) for this config and codes file;
+               top_num_embeddings: int | None = None, top_shape: tuple[int, int] | None = None) -> dict:
+    """The keyword arguments of GatedPixelCNN or TransformerPrior (1 level) or HierarchicalPrior (2) for this config
+    and codes file, with "arch" for a transformer (and absent for a PixelCNN, as in checkpoints written before);
     num_embeddings is the (bottom) level's K, top_num_embeddings the top's (None: the same, as HierarchicalPrior
-    takes it)."""
-    args = {"num_embeddings": num_embeddings, "num_classes": len(classes) if c.conditional else 0,
+    takes it); top_shape: the (h, w) of the top map (the only map for 1 level), which a transformer's position
+    embeddings need."""
+    num_classes = len(classes) if c.conditional else 0
+    transformer = {"arch": "transformer", "width": c.width, "depth": c.depth, "heads": c.heads,
+                   "class_dropout": c.class_dropout if num_classes else 0.0}
+    if c.arch == "transformer" and levels == 1:
+        return {**transformer, "num_embeddings": num_embeddings, "num_classes": num_classes,
+                "shape": list(top_shape), "dropout": c.dropout}
+    args = {"num_embeddings": num_embeddings, "num_classes": num_classes,
             "channels": c.channels, "num_layers": c.num_layers, "kernel_size": c.kernel_size, "dropout": c.dropout}
     if c.attention or levels == 2:
         args.update(attention=c.attention, heads=c.heads)
     if levels == 2:
         args.update(cond_channels=c.cond_channels, cond_blocks=c.cond_blocks,
                     top_num_embeddings=top_num_embeddings)
+        if c.arch == "transformer":
+            args.update(transformer, top_shape=list(top_shape))
     return args
 
 
 def build_prior(args: dict, levels: int = 1) -> Prior:
-    """The prior that `model_args` describes."""
-    return HierarchicalPrior(**args) if levels == 2 else GatedPixelCNN(**args)
+    """The prior that `model_args` describes (no "arch": a PixelCNN, as every checkpoint written before)."""
+    if levels == 2:
+        return HierarchicalPrior(**args)
+    if args.get("arch", "pixelcnn") == "transformer":
+        args = {k: v for k, v in args.items() if k != "arch"}
+        return TransformerPrior(**{("num_layers" if k == "depth" else k): v for k, v in args.items()})
+    return GatedPixelCNN(**args)
+
+
+def prior_arch(ckpt: dict) -> str:
+    """pixelcnn or transformer: the arch of a prior checkpoint (for 2 levels the top prior's; before: pixelcnn)."""
+    return ckpt["model_args"].get("arch", "pixelcnn")
 
 
 def save_prior_checkpoint(path: Path, model: Prior, optimizer: torch.optim.Optimizer, step: int, config: PriorConfig,
@@ -152,7 +183,7 @@ def prior_levels(ckpt: dict) -> int:
 
 def load_prior(path: str | Path, device: torch.device | str = "cpu") -> tuple[Prior, PriorConfig, dict]:
     """Rebuild the prior from a checkpoint file alone: (model in eval mode on `device`, its config, the dict); a
-    GatedPixelCNN, or a HierarchicalPrior for a 2-level checkpoint."""
+    GatedPixelCNN or TransformerPrior, or a HierarchicalPrior for a 2-level checkpoint."""
     ckpt = read_prior_checkpoint(path)
     model = build_prior(ckpt["model_args"], prior_levels(ckpt))
     try:
@@ -211,7 +242,7 @@ def nll_per_level(model: Prior, maps: list[torch.Tensor], labels: torch.Tensor |
     return [torch.cat(level) for level in zip(*out)]
 
 
-def nll_per_map(model: GatedPixelCNN, codes: torch.Tensor, labels: torch.Tensor | None, device: torch.device,
+def nll_per_map(model: Prior, codes: torch.Tensor, labels: torch.Tensor | None, device: torch.device,
                 batch_size: int = 256) -> torch.Tensor:
     """-log p(z | y) in nats for each map of `codes` (N, h, w): (N,) float64 on the CPU. Eval mode, float32;
     the model is left in its previous mode."""

@@ -1,8 +1,10 @@
-"""Train a gated PixelCNN prior (arXiv 1606.05328) over the code maps of a trained VQ-VAE (arXiv 1711.00937,
-section 3.2), from Python or the command line.
+"""Train a prior over the code maps of a trained VQ-VAE (arXiv 1711.00937, section 3.2): a gated PixelCNN (arXiv
+1606.05328; --arch pixelcnn, the default) or a decoder-only transformer in raster order (--arch transformer,
+transformer_prior.py), from Python or the command line.
 
     python extract_codes.py --checkpoint runs/sample/checkpoint.pt --passes 20      # -> runs/sample/codes.pt
     python train_prior.py --codes runs/sample/codes.pt --out runs/sample-prior
+    python train_prior.py --codes runs/sample/codes.pt --out runs/sample-transformer --arch transformer
     python train_prior.py --codes runs/sample/codes.pt --out runs/sample-prior --resume --steps 6000
 
 Everything is configured by one dataclass, `PriorConfig` (in prior_checkpoint.py, beside the checkpoint it is saved
@@ -19,13 +21,20 @@ folder (`--out`) receives:
 What happens around each step (records, validation and a checkpoint every --eval-every steps, stopping on Ctrl-C,
 SIGTERM or a non-finite loss) is training_loop.run_steps, as in train.py. Validation runs in float32 (whatever --amp
 says for training) over every validation map of the codes file and reports the NLL in nats and bits per code. The
-VQ-VAE itself is never loaded here: the prior sees only the codes file.
+VQ-VAE itself is never loaded here: the prior sees only the codes file. --compile trains through torch.compile (the
+checkpoint holds the plain model's weights either way).
+
+The transformer (--width, --depth, --heads, --dropout) is built for the codes file's map size (its row and column
+embeddings). On a codes file with classes it is class-conditional and, for --class-dropout of the training maps,
+sees the "no class" token instead of the class, so that one model gives the conditional and the unconditional prior
+(classifier-free guidance: sample.py --cfg).
 
 A codes file of a 2-level VQ-VAE (hierarchy.VQVAE2; the file's `levels` is 2) trains the two priors of VQ-VAE-2
 (hierarchical_prior.HierarchicalPrior, arXiv 1906.00446): the top prior over the top maps (with --attention, one
 causal self-attention block) and the bottom prior over the bottom maps, conditioned on the top map. Both are one
 model with one optimizer, in the same run folder and the same checkpoint.pt (`levels` 2, `map_shape` the bottom
-map's, `top_map_shape`); the objective is the sum of the two levels' NLLs per code. Its records give each level's
+map's, `top_map_shape`); with --arch transformer the top prior is the transformer and the bottom prior stays the
+conditioned PixelCNN; the objective is the sum of the two levels' NLLs per code. Its records give each level's
 NLL per code (`top_nll_nats`, `bottom_nll_nats`, and in bits) and `nll_nats_per_image`, -log p(z_top, z_bottom | y)
 of one image's two maps, in nats.
 """
@@ -40,11 +49,13 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from checkpoint import COMPILE_MODES
 from extract_codes import read_codes
 from image_data import StepBatchSampler
-from prior_checkpoint import (MODEL_FIELDS, Prior, PriorConfig, build_prior, code_levels, codebook_sizes,
-                              config_from_dict, level_logits, level_maps, level_metrics, model_args, nll_per_level,
-                              per_code_record, prior_levels, read_prior_checkpoint, save_prior_checkpoint)
+from prior_checkpoint import (ARCHS, MODEL_FIELDS, TRANSFORMER_FIELDS, Prior, PriorConfig, build_prior, code_levels,
+                              codebook_sizes, config_from_dict, level_logits, level_maps, level_metrics, model_args,
+                              nll_per_level, per_code_record, prior_levels, read_prior_checkpoint,
+                              save_prior_checkpoint)
 from runs import (TENSORBOARD_FILES, CheckpointError, ConfigError, MetricsLog, amp_dtype_for, autocast,
                   open_run_folder, parse_args, pick_device, require_at_least, require_positive, restore_rng,
                   restore_training, run_training_cli)
@@ -67,7 +78,9 @@ class TrainPriorResult(NamedTuple):
 
 
 def check_config(c: PriorConfig) -> None:
-    for name in ("steps", "batch_size", "channels", "num_layers", "log_every", "eval_every"):
+    if c.arch not in ARCHS:
+        raise ConfigError(f"--arch must be {' or '.join(ARCHS)}, got {c.arch!r}")
+    for name in ("steps", "batch_size", "channels", "num_layers", "log_every", "eval_every", "width", "depth"):
         require_at_least(name.replace("_", "-"), getattr(c, name))
     if c.kernel_size < 1 or c.kernel_size % 2 == 0:
         raise ConfigError(f"--kernel-size must be a positive odd number, got {c.kernel_size}")
@@ -84,6 +97,21 @@ def check_config(c: PriorConfig) -> None:
                           f"{c.num_layers}")
     if c.attention and c.channels % c.heads:
         raise ConfigError(f"--channels ({c.channels}) must be a multiple of --heads ({c.heads}) with --attention")
+    if c.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"--compile-mode must be {', '.join(COMPILE_MODES)}, got {c.compile_mode!r}")
+    if c.arch == "pixelcnn":
+        defaults = PriorConfig()
+        if any(getattr(c, name) != getattr(defaults, name) for name in TRANSFORMER_FIELDS):
+            raise ConfigError("--width, --depth and --class-dropout shape the transformer prior: leave them out, or "
+                              "add --arch transformer")
+        return
+    if c.attention:
+        raise ConfigError("--attention adds a block to the PixelCNN prior; the transformer is all attention: leave "
+                          "it out")
+    if c.width % c.heads:
+        raise ConfigError(f"--width ({c.width}) must be a multiple of --heads ({c.heads})")
+    if not 0 <= c.class_dropout < 1:
+        raise ConfigError(f"--class-dropout must be in [0, 1), got {c.class_dropout}")
 
 
 def prepare_out(c: PriorConfig, levels: int = 1) -> tuple[Path, dict | None]:
@@ -96,7 +124,7 @@ def prepare_out(c: PriorConfig, levels: int = 1) -> tuple[Path, dict | None]:
                                   f"another --out")
         saved = config_from_dict(ckpt["config"])
         for name in (*MODEL_FIELDS, "batch_size", "seed"):
-            if name == "heads" and not (saved.attention or c.attention):
+            if name == "heads" and saved.arch == c.arch == "pixelcnn" and not (saved.attention or c.attention):
                 continue   # no attention block: --heads shapes nothing
             if getattr(saved, name) != getattr(c, name):
                 raise CheckpointError(f"{ckpt_path} was trained with --{name.replace('_', '-')} "
@@ -147,8 +175,10 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
                           f"holds 1-level codes: leave them out, or extract codes from a --levels 2 VQ-VAE")
     out, resume_from = prepare_out(c, levels)
     torch.manual_seed(c.seed)
-    args = model_args(c, codes["num_embeddings"], codes["classes"], levels, codebook_sizes(codes)[0])
+    args = model_args(c, codes["num_embeddings"], codes["classes"], levels, codebook_sizes(codes)[0],
+                      tuple(level_maps(codes, "train")[0].shape[1:]))
     model = build_prior(args, levels).to(device)
+    stepped = torch.compile(model, mode=c.compile_mode) if c.compile else model   # what the training step calls
     optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
     start_step, elapsed = 0, 0.0
     if resume_from is not None:
@@ -172,7 +202,7 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
         zs = [m[index].long() for m in train_maps]                          # (B, h, w) per level
         y = train_labels[index] if train_labels is not None else None
         with autocast(device, amp_dtype):
-            logits = level_logits(model, zs, y)                             # (B, K, h, w) per level
+            logits = level_logits(stepped, zs, y)                           # (B, K, h, w) per level
         losses = [F.cross_entropy(l.float(), z) for l, z in zip(logits, zs)]   # nats per code, per level
         loss = sum(losses[1:], losses[0])
         optimizer.zero_grad(set_to_none=True)
@@ -192,7 +222,8 @@ def train_prior(config: PriorConfig, callback: Callable[[dict], None] | None = N
                       start_step=start_step, elapsed=elapsed,
                       final=dict(resume_from["metrics"]) if resume_from is not None else {}, rate_key="maps_per_s",
                       items_per_step=c.batch_size, desc="training prior", progress=c.progress,
-                      resume_command=f"python train_prior.py --codes {c.codes} --out {out} --resume")
+                      resume_command=f"python train_prior.py --codes {c.codes} --out {out} --resume"
+                                     + (f" --arch {c.arch}" if c.arch != "pixelcnn" else ""))
 
     # the end
     return TrainPriorResult(model.eval(), metrics.history, final, out)

@@ -219,9 +219,14 @@ class TransformerPrior(nn.Module):
         """Draw `num` maps of `shape`: (num, h, w) int64 in [0, K). temperature divides the logits; top_k keeps the
         k most likely codes (0: all); top_p keeps the smallest set of codes whose probability reaches p; guidance:
         the classifier-free guidance scale (needs labels and a prior trained with class dropout). The model is put
-        in eval mode and back."""
-        was_training = self.training
+        in eval mode and back; on the CPU the loop runs on one thread, as the PixelCNN's (its small steps lose more to
+        the threads' synchronisation than they gain)."""
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        was_training, threads = self.training, torch.get_num_threads()
         self.eval()
+        if self.code.weight.device.type == "cpu":
+            torch.set_num_threads(1)
 
         def draw(i: int, j: int, logits: Tensor) -> Tensor:
             return torch.multinomial(filtered_probs(logits, temperature, top_k, top_p), 1,
@@ -230,6 +235,7 @@ class TransformerPrior(nn.Module):
         try:
             return self.in_raster_order(num, shape, draw, labels, cond, cache=cache, guidance=guidance)
         finally:
+            torch.set_num_threads(threads)
             self.train(was_training)
 
 

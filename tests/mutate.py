@@ -48,6 +48,7 @@ L, H = "tests/test_prior_levels.py", "tests/test_hierarchy.py"
 Q = "tests/test_quantizer_options.py"
 S = "tests/test_search.py"
 S4 = f"{S}::test_the_quantizers_search_equals_a_float64_brute_force[True-cosine-4d-lookup-"   # under autocast
+T, TR = "tests/test_transformer_prior.py", "tests/test_transformer_runs.py"
 CLIP = "tests/test_train.py::test_clip_grad_norm_scales_the_gradients_down_to_the_norm_and_keeps_their_direction"
 EMA_GLOO = "tests/test_reliability.py::test_two_gloo_processes_hold_identical_codebooks_and_match_one_process"
 VQ_GLOO = "tests/test_reliability.py::test_the_plain_quantizer_on_two_gloo_processes_matches_one_process"
@@ -309,6 +310,45 @@ MUTATIONS = [
              "from models import Encoder, VectorQuantizer, VectorQuantizerEMA, Decoder",
              "from models import Encoder, VectorQuantizerEMA, Decoder",
              (f"{P}::test_notebook_imports_the_four_parts_from_models_and_trains_through_train",)),
+    # ---- the transformer prior
+    Mutation("transformer-not-causal", "Generation", "transformer_prior.py",
+             "attended = F.scaled_dot_product_attention(q, k, v, is_causal=True,",
+             "attended = F.scaled_dot_product_attention(q, k, v, is_causal=False,",
+             (f"{T}::test_each_position_depends_on_exactly_the_codes_before_it[0]",)),
+    Mutation("kv-cache-one-position-too-many", "Generation", "transformer_prior.py",
+             "keys[:, :, :t + 1], values[:, :, :t + 1]))", "keys[:, :, :t + 2], values[:, :, :t + 2]))",
+             (f"{T}::test_guidance_1_is_the_conditional_prior_and_0_the_unconditional[True]",
+              f"{T}::test_the_cached_sampler_draws_what_recomputation_draws[None]")),
+    Mutation("guidance-from-the-conditional-logits", "Generation", "transformer_prior.py",
+             "logits = without + guidance * (with_class - without)",
+             "logits = with_class + guidance * (with_class - without)",
+             (f"{T}::test_guidance_1_is_the_conditional_prior_and_0_the_unconditional[True]",
+              f"{TR}::test_guidance_0_draws_the_same_maps_for_every_class")),
+    Mutation("class-dropout-in-eval-mode", "Generation", "transformer_prior.py",
+             "if self.training and self.class_dropout > 0:", "if self.class_dropout > 0:",
+             (f"{T}::test_class_dropout_replaces_the_class_in_training_only",)),
+    Mutation("class-dropout-never-drops", "Generation", "transformer_prior.py",
+             "torch.rand(batch, device=device) < self.class_dropout", "torch.rand(batch, device=device) < 0.0",
+             (f"{T}::test_class_dropout_replaces_the_class_in_training_only",)),
+    Mutation("top-p-keeps-one-code-too-few", "Generation", "transformer_prior.py",
+             "keep_sorted = before < top_p", "keep_sorted = sorted_probs.cumsum(1) < top_p",
+             (f"{T}::test_top_k_and_top_p_by_hand",)),
+    Mutation("sample-ignores-top-k", "Generation", "sample.py",
+             "generator, top_k=top_k, top_p=top_p,", "generator, top_k=0, top_p=top_p,",
+             (f"{TR}::test_top_k_1_and_a_tiny_top_p_decode_greedily[shaping0-transformer]",)),
+    Mutation("pixelcnn-ignores-top-k-and-top-p", "Generation", "prior.py",
+             "probs = filtered_probs(logits, temperature, top_k, top_p)", "probs = filtered_probs(logits, temperature)",
+             (f"{TR}::test_top_k_1_and_a_tiny_top_p_decode_greedily[shaping0-pixelcnn]",)),
+    Mutation("cfg-on-a-pixelcnn-accepted", "Generation", "sample.py",
+             "    if not isinstance(prior, TransformerPrior):", "    if False:",
+             (f"{TR}::test_sample_bad_inputs[pixelcnn --cfg 2]",)),
+    Mutation("cfg-without-class-dropout-accepted", "Generation", "sample.py",
+             "    if prior.class_dropout <= 0:", "    if False:",
+             (f"{TR}::test_sample_bad_inputs[no-dropout --cfg 2]",)),
+    Mutation("transformer-top-of-two-levels-is-a-pixelcnn", "Generation", "hierarchical_prior.py",
+             '        if arch == "transformer":\n            self.top = TransformerPrior(',
+             '        if False:\n            self.top = TransformerPrior(',
+             (f"{TR}::test_two_level_transformer_top_trains_samples_and_conditions_the_bottom",)),
     # ---- the two-level prior (VQ-VAE-2)
     Mutation("attention-not-causal", "Generation", "prior.py",
              "is_causal=True", "is_causal=False",

@@ -56,7 +56,8 @@ def test_runs_and_checkpoint_sit_below_every_script():
     assert repo_imports("codebook") == set()          # the quantizers' tools, below models
     assert repo_imports("pixels") == set()            # the pixel scale, below both models
     assert repo_imports("training_loop") <= {"runs"}
-    assert repo_imports("prior_checkpoint") <= {"runs", "prior", "hierarchical_prior"}
+    assert repo_imports("prior_checkpoint") <= {"runs", "prior", "hierarchical_prior", "transformer_prior"}
+    assert repo_imports("transformer_prior") == set()   # the transformer and its sampling filter, below prior.py
     for script in ("evaluate", "extract_codes", "sample", "evaluate_prior", "train_prior", "bench_report"):
         assert "train" not in repo_imports(script), f"{script}.py imports the training loop"
     for script in ("sample", "evaluate_prior"):   # the prior's library code lives in prior_checkpoint and checkpoint

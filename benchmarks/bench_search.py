@@ -47,7 +47,6 @@ from checkpoint import Config
 from runs import pick_device
 
 SEARCH_CASES = [(8192, 2048, 4), (32768, 2048, 4), (8192, 2048, 64), (131072, 8192, 4)]
-TARGETS = {"search_time_ratio": 0.25, "peak_extra_mib": 64.0, "step_time_ratio": 1.1}
 
 
 def reference_nearest_code(flat: Tensor, codebook: Tensor, max_chunk_elements: int | None = 1 << 24) -> Tensor:
@@ -190,18 +189,16 @@ def report(results: dict) -> str:
 
 
 def headline(results: dict) -> list[str]:
-    """The figures the search is held to, each with its limit."""
+    """The search's time and memory against the old search's, and what K = 2048 costs a step over K = 512."""
     lines = []
     for r in results["search"]:
         if (r["N"], r["K"], r["D"]) == (8192, 2048, 4):
-            lines.append(f"search time at 8192 x 2048 x 4, after / before: {r['time_ratio']:.3f} "
-                         f"(at most {TARGETS['search_time_ratio']})")
+            lines.append(f"search time at 8192 x 2048 x 4, after / before: {r['time_ratio']:.3f}")
         if (r["N"], r["K"], r["D"]) == (131072, 8192, 4):
-            lines.append(f"search peak extra memory at 131072 x 8192 x 4: {r['after_peak_mib']:.1f} MiB "
-                         f"(at most {TARGETS['peak_extra_mib']:.0f})")
+            lines.append(f"search peak extra memory at 131072 x 8192 x 4: {r['after_peak_mib']:.1f} MiB")
     for r in results["step"]:
         lines.append(f"train.py step time at {r['size']} px batch {r['batch']}, K = 2048 / K = 512: "
-                     f"{r['after']['step_time_ratio']:.3f} (at most {TARGETS['step_time_ratio']})")
+                     f"{r['after']['step_time_ratio']:.3f}")
     return lines
 
 

@@ -54,7 +54,7 @@ def pillow_curve(image: torch.Tensor, fmt: str) -> list[tuple[float, float, floa
     for q in QUALITIES:
         buffer = io.BytesIO()
         pil.save(buffer, format=fmt, quality=q)
-        decoded = torch.from_numpy(np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")))
+        decoded = torch.from_numpy(np.array(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")))
         rows.append((q, 8 * buffer.tell() / pixels, psnr(decoded.permute(2, 0, 1), image)))
     return rows
 

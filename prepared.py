@@ -305,7 +305,7 @@ def available_memory() -> int | None:
     None where neither can be read."""
     found = []
     try:
-        for line in open("/proc/meminfo"):
+        for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 found.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError):

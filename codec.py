@@ -48,7 +48,7 @@ from PIL import Image
 from torch import Tensor
 
 from decode import pil_to_tensor, to_rgb
-from runs import USER_ERRORS, ConfigError, pick_device
+from runs import USER_ERRORS, ConfigError, atomic_write, pick_device, quiet_warnings
 
 MAGIC, VERSION = b"VQZ", 1
 HEADER = struct.Struct("<3sB8s8sIIB")          # magic, version, VQ-VAE and prior fingerprints, width, height, levels
@@ -315,13 +315,31 @@ def models_and_out(args: argparse.Namespace) -> tuple[Models, Path]:
     return models, out
 
 
-def each_file(files: list[str], work) -> int:
-    """Run `work(path)` on every file; a user error on one is one `error:` line and the rest go on; 2 if any
-    failed, else 0."""
+def write_output(target: Path, write) -> None:
+    """`write(tmp)` under a temporary name, renamed to `target` (runs.atomic_write); failing is a CodecError."""
+    try:
+        atomic_write(target, write)
+    except OSError as err:
+        raise CodecError(f"cannot write {target}: {err.strerror or err}") from None
+
+
+def run_on_files(doc: str, inputs: str, argv: list[str] | None, work) -> int:
+    """The body of compress.py and decompress.py: parse the command line, load the models and make --out (a
+    problem there is one `error:` line and exit status 2 before any file is touched), then print
+    `work(models, out, path)` for every file; a user error on one file is one `error:` line and the rest go on.
+    Returns 2 if any file failed, else 0."""
+    args = codec_parser(doc, inputs).parse_args(argv)
+    quiet_warnings()
+    try:
+        models, out = models_and_out(args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     failed = 0
-    for name in files:
+    for name in args.files:
+        path = Path(name).expanduser()
         try:
-            print(work(Path(name).expanduser()))
+            print(work(models, out, path))
         except (CodecError, *USER_ERRORS) as err:
             print(f"error: {err}", file=sys.stderr)
             failed += 1

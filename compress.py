@@ -12,34 +12,24 @@ import sys
 import time
 from pathlib import Path
 
-from codec import CodecError, codec_parser, compress, each_file, models_and_out, read_photo
-from runs import USER_ERRORS, atomic_write, quiet_warnings
+from codec import Models, compress, read_photo, run_on_files, write_output
+
+
+def compress_one(models: Models, out: Path, path: Path) -> str:
+    """Compress one photo into out/<name>.vqz; the line that says what was written."""
+    image = read_photo(path)
+    start = time.perf_counter()
+    data = compress(models, image)
+    seconds = time.perf_counter() - start
+    target = out / (path.stem + ".vqz")
+    write_output(target, lambda tmp: tmp.write_bytes(data))
+    pixels = image.shape[1] * image.shape[2]
+    return (f"{path} -> {target}: {len(data)} bytes, {8 * len(data) / pixels:.3f} bits per pixel "
+            f"({image.shape[2]}x{image.shape[1]}, {seconds:.1f} s)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = codec_parser(__doc__, "photos to compress").parse_args(argv)
-    quiet_warnings()
-    try:
-        models, out = models_and_out(args)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-    def one(path: Path) -> str:
-        image = read_photo(path)
-        start = time.perf_counter()
-        data = compress(models, image)
-        seconds = time.perf_counter() - start
-        target = out / (path.stem + ".vqz")
-        try:
-            atomic_write(target, lambda tmp: tmp.write_bytes(data))
-        except OSError as err:
-            raise CodecError(f"cannot write {target}: {err.strerror or err}") from None
-        pixels = image.shape[1] * image.shape[2]
-        return (f"{path} -> {target}: {len(data)} bytes, {8 * len(data) / pixels:.3f} bits per pixel "
-                f"({image.shape[2]}x{image.shape[1]}, {seconds:.1f} s)")
-
-    return each_file(args.files, one)
+    return run_on_files(__doc__, "photos to compress", argv, compress_one)
 
 
 if __name__ == "__main__":

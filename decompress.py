@@ -14,36 +14,26 @@ from pathlib import Path
 
 from PIL import Image
 
-from codec import CodecError, codec_parser, decompress, each_file, models_and_out
-from runs import USER_ERRORS, atomic_write, quiet_warnings
+from codec import CodecError, Models, decompress, run_on_files, write_output
+
+
+def decompress_one(models: Models, out: Path, path: Path) -> str:
+    """Decompress one .vqz file into out/<name>.png; the line that says what was written."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CodecError(f"cannot read {path}: {err.strerror or err}") from None
+    start = time.perf_counter()
+    image = decompress(models, data, str(path))
+    seconds = time.perf_counter() - start
+    target = out / (path.stem + ".png")
+    picture = Image.fromarray(image.permute(1, 2, 0).numpy())                     # (3, H, W) -> (H, W, 3)
+    write_output(target, lambda tmp: picture.save(tmp, format="PNG"))
+    return f"{path} -> {target}: {image.shape[2]}x{image.shape[1]} ({seconds:.1f} s)"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = codec_parser(__doc__, ".vqz files to decompress").parse_args(argv)
-    quiet_warnings()
-    try:
-        models, out = models_and_out(args)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-    def one(path: Path) -> str:
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            raise CodecError(f"cannot read {path}: {err.strerror or err}") from None
-        start = time.perf_counter()
-        image = decompress(models, data, str(path))
-        seconds = time.perf_counter() - start
-        target = out / (path.stem + ".png")
-        picture = Image.fromarray(image.permute(1, 2, 0).numpy())                 # (3, H, W) -> (H, W, 3)
-        try:
-            atomic_write(target, lambda tmp: picture.save(tmp, format="PNG"))
-        except OSError as err:
-            raise CodecError(f"cannot write {target}: {err.strerror or err}") from None
-        return f"{path} -> {target}: {image.shape[2]}x{image.shape[1]} ({seconds:.1f} s)"
-
-    return each_file(args.files, one)
+    return run_on_files(__doc__, ".vqz files to decompress", argv, decompress_one)
 
 
 if __name__ == "__main__":

@@ -207,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of each search timing (median)")
     p.add_argument("--step-repeats", type=int, default=3, help="interleaved repeats of the train.py runs (median)")
-    p.add_argument("--lengths", default="5,25",
-                   help="the two run lengths in steps at 64 px (at 128 px batch 32: half and two fifths of them)")
+    p.add_argument("--lengths", default="5,25", help="the two run lengths in steps at 64 px (and on a GPU at 128 px "
+                                                      "batch 128)")
+    p.add_argument("--lengths-128", default="2,10", help="the two run lengths in steps at 128 px batch 32")
     p.add_argument("--step-before", action="store_true", help="also time the step with the reference search")
     p.add_argument("--no-step", action="store_true", help="time the search only")
     p.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
@@ -223,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"search": results["search"][-1]}), flush=True)
     if not args.no_step:
         short, long = (int(s) for s in args.lengths.split(","))
-        configs = [(64, 32, (short, long)), (128, 32, (max(1, short // 2), max(2, long * 2 // 5)))]
+        short128, long128 = (int(s) for s in args.lengths_128.split(","))
+        configs = [(64, 32, (short, long)), (128, 32, (short128, long128))]
         if device.type == "cuda":
             configs.append((128, 128, (short, long)))
         searches = ["after", "before"] if args.step_before else ["after"]

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +48,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root: run from anywhere
 
-from bench_report import machine, publish
+from bench_report import machine, peak_extra_bytes, publish
 from checkpoint import Config
 from models import VQVAE, Decoder, Encoder, VectorQuantizerEMA
 from runs import amp_dtype_for, make_optimizer, pick_device, use_channels_last
@@ -238,20 +237,8 @@ def quantizer_call(kind: str, case: str, device: torch.device):
 
 def quantizer_peak_memory(kind: str, case: str, device: torch.device) -> int:
     """Peak extra bytes of one forward+backward, measured in a fresh process on the CPU."""
-    if device.type == "cuda":
-        call = quantizer_call(kind, case, device)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        call()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated(device) - before
-    code = (f"import bench, torch; torch.set_num_threads({torch.get_num_threads()}); "
-            f"print(bench._peak_rss_child({kind!r}, {case!r}))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks", capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"peak-memory subprocess failed: {out.stderr.strip()[-500:]}")
-    return int(out.stdout.strip().splitlines()[-1])
+    return peak_extra_bytes(device, lambda: quantizer_call(kind, case, device),
+                            f"import bench; print(bench._peak_rss_child({kind!r}, {case!r}))")
 
 
 def _status_kb(field: str) -> int:

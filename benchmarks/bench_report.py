@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -57,3 +59,22 @@ def publish(script: str, title: str, argv: list[str] | None, text: str, write: b
     if write:
         args = sys.argv[1:] if argv is None else argv
         write_section(script, title, " ".join(["python", f"benchmarks/{script}", *args]), text)
+
+
+def peak_extra_bytes(device: torch.device, make_call: Callable[[], Callable[[], object]], child_code: str) -> int:
+    """Peak extra memory of one call. On CUDA: `make_call()`'s call, the allocator's peak over what was allocated
+    before it. Elsewhere: the last integer that `child_code` prints, run as `python -c` in benchmarks/ in a fresh
+    process with this process's thread count (so nothing this process holds counts)."""
+    if device.type == "cuda":
+        call = make_call()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        call()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device) - before
+    code = f"import torch; torch.set_num_threads({torch.get_num_threads()}); {child_code}"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks", capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"peak-memory subprocess failed: {out.stderr.strip()[-500:]}")
+    return int(out.stdout.strip().splitlines()[-1])

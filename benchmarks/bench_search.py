@@ -28,7 +28,6 @@ import contextlib
 import io
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository 
 
 import codebook
 import models
-from bench_report import ROOT, machine, publish
+from bench_report import machine, peak_extra_bytes, publish
 from checkpoint import Config
 from runs import pick_device
 
@@ -94,21 +93,14 @@ def _peak_child(kind: str, n: int, k: int, d: int) -> int:
     return (_status_kb("VmHWM") - before) * 1024
 
 
-def peak_extra_bytes(kind: str, case: tuple[int, int, int], device: torch.device) -> int:
-    if device.type == "cuda":
+def search_peak_bytes(kind: str, case: tuple[int, int, int], device: torch.device) -> int:
+    """Peak extra bytes of one search (bench_report.peak_extra_bytes: a fresh process on the CPU)."""
+    def make_call():
         flat, codes = search_inputs(*case, device)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        SEARCHES[kind](flat, codes)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated(device) - before
-    code = (f"import bench_search, torch; torch.set_num_threads({torch.get_num_threads()}); "
-            f"print(bench_search._peak_child({kind!r}, {', '.join(map(str, case))}))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks", capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"peak-memory subprocess failed: {out.stderr.strip()[-500:]}")
-    return int(out.stdout.strip().splitlines()[-1])
+        return lambda: SEARCHES[kind](flat, codes)
+
+    return peak_extra_bytes(device, make_call, f"import bench_search; "
+                            f"print(bench_search._peak_child({kind!r}, {', '.join(map(str, case))}))")
 
 
 def bench_search(case: tuple[int, int, int], device: torch.device, repeats: int) -> dict:
@@ -123,7 +115,7 @@ def bench_search(case: tuple[int, int, int], device: torch.device, repeats: int)
             sync(device)
             times[kind].append(time.perf_counter() - start)
     ms = {kind: 1000 * statistics.median(t) for kind, t in times.items()}
-    peak = {kind: peak_extra_bytes(kind, case, device) / 2**20 for kind in SEARCHES}
+    peak = {kind: search_peak_bytes(kind, case, device) / 2**20 for kind in SEARCHES}
     return {"N": case[0], "K": case[1], "D": case[2], "before_ms": ms["before"], "after_ms": ms["after"],
             "time_ratio": ms["after"] / ms["before"], "before_peak_mib": peak["before"],
             "after_peak_mib": peak["after"], "rows_differing": int((indices["before"] != indices["after"]).sum())}

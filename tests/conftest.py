@@ -14,6 +14,17 @@ for folder in (ROOT / "benchmarks", ROOT):
         sys.path.insert(0, str(folder))
 
 
+@pytest.fixture
+def one_thread():
+    """For tests of tiny models: intra-op threads only add synchronisation (and, on a shared CPU, waiting)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def gloo_runs(tmp_path_factory) -> Path:
     """One torchrun start of two gloo CPU processes (batch 4 each) that trains the tiny runs of tests/ddp_worker.py

@@ -29,13 +29,8 @@ from test_cli_errors import assert_clean_error, call_main
 from test_prior import decoder_nats_by_hand, earlier, make_class_folder, naive_sample, prior_config, write_codes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: intra-op threads only add synchronisation (and, on a shared CPU, waiting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread (conftest.py)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Causality: the Jacobian of the logits with respect to one-hot code inputs

@@ -9,12 +9,7 @@ import torch.nn.functional as F
 from transformer_prior import TransformerPrior, filtered_probs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread (conftest.py)
 
 
 def tiny(num_classes: int = 3, **kw) -> TransformerPrior:

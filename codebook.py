@@ -6,6 +6,7 @@ torch.distributed.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,9 @@ from torch import Tensor
 
 
 GROUP = 64   # scores per group in the two-stage argmax of nearest_code
+FUSED_MAX_DIM = 8             # the fused search serves codes of at most this many dimensions (the 4-d lookup)
+FUSED_MIN_SCORES = 1 << 24    # and searches of at least this many scores N x K, where it repays its compile
+FUSED_CHUNK_SCORES = 1 << 23  # rows per call of the compiled search: this many scores' worth
 
 
 def search_chunk_elements(device: torch.device) -> int:
@@ -35,16 +39,33 @@ def argmax_in_groups(scores: Tensor, group: int) -> Tensor:
     return best_group * group + best_in_group
 
 
-def nearest_code(flat: Tensor, codebook: Tensor, max_chunk_elements: int | None = None) -> Tensor:
+def nearest_code(flat: Tensor, codebook: Tensor, max_chunk_elements: int | None = None,
+                 fused: bool = False) -> Tensor:
     """Index of the nearest code (squared Euclidean distance) for each row: (N, D), (K, D) -> (N,) int64.
 
     ||z - e||^2 = ||z||^2 - 2 (z.e - ||e||^2 / 2), and ||z||^2 is the same for every code, so the nearest code has
-    the highest score z.e + b, b = -||e||^2 / 2. A chunk of rows gets its scores from one float32 matrix product
-    of [z, 1] with [e, b] written into a preallocated buffer (b is never broadcast over the rows), at most
+    the highest score z.e + b, b = -||e||^2 / 2, all in float32 (autocast cannot lower it).
+
+    `fused` allows the compiled search of fused_nearest_code, which never writes the (N, K) scores: it is used on
+    a CPU for codes of at most FUSED_MAX_DIM dimensions and at least FUSED_MIN_SCORES scores, and costs a compile
+    (seconds, once per process and per K), so it suits a search repeated every step, as in training. Otherwise,
+    and wherever it cannot be compiled, a chunk of rows gets its scores from one float32 matrix product of [z, 1]
+    with [e, b] written into a preallocated buffer (b is never broadcast over the rows), at most
     `max_chunk_elements` scores at a time (by default search_chunk_elements of the device), so memory stays
-    bounded however large N x K is; the product has an explicit output, so autocast leaves it in float32. The
-    codes are padded up to whole groups of GROUP with b = -inf (a padding code never wins) for argmax_in_groups.
+    bounded however large N x K is. The codes are padded up to whole groups of GROUP with b = -inf (a padding code
+    never wins) for argmax_in_groups. Both paths return the index of a highest float32 score; they can differ
+    only where two codes' scores are within float32 rounding of each other.
     """
+    flat, codebook = flat.float(), codebook.float()
+    if fused and fused_search_applies(flat, codebook):
+        indices = fused_nearest_code(flat, codebook)
+        if indices is not None:
+            return indices
+    return chunked_nearest_code(flat, codebook, max_chunk_elements)
+
+
+def chunked_nearest_code(flat: Tensor, codebook: Tensor, max_chunk_elements: int | None = None) -> Tensor:
+    """nearest_code's unfused search: the scores of a chunk of rows from one matrix product, then their argmax."""
     flat, codebook = flat.float(), codebook.float()
     num_codes, dim = codebook.shape
     group = min(GROUP, num_codes)
@@ -64,6 +85,61 @@ def nearest_code(flat: Tensor, codebook: Tensor, max_chunk_elements: int | None 
         torch.mm(rows[:n], table.t(), out=scores[:n])                              # (n, K padded): z.e + b
         indices[start:start + n] = argmax_in_groups(scores[:n], group)
     return indices.clamp_(max=num_codes - 1)   # only a non-finite z can score a padding code highest
+
+
+def first_highest_score(rows: Tensor, codes_t: Tensor, bias: Tensor, code_index: Tensor) -> Tensor:
+    """(n, d) rows z, (d, K) codes e, (K,) b, (K,) float32 0..K-1 -> (n,) float32: for each row the first k
+    whose score z.e_k + b_k equals the row's highest score, or K where none does (a row holding a NaN).
+
+    Written for torch.compile, which turns it into one loop over the rows: a row's K scores, d multiply-adds
+    each, go into a small per-thread buffer, then their maximum, then the first index holding it. The (n, K)
+    matrix is never written to memory, and the index comes from a minimum, which vectorises, not an argmax."""
+    scores = bias                                                                 # (K,)
+    for j in range(rows.shape[1]):
+        scores = scores + rows[:, j:j + 1] * codes_t[j]                          # (n, K): z.e + b, term by term
+    best = scores.amax(1, keepdim=True)                                           # (n, 1)
+    return torch.where(scores >= best, code_index, float(codes_t.shape[1])).amin(1)
+
+
+_fused = {"search": None, "failed": False}   # the compiled first_highest_score, made on first use
+
+
+def fused_search_applies(flat: Tensor, codebook: Tensor) -> bool:
+    """Whether nearest_code(fused=True) takes the compiled path for these inputs (see nearest_code)."""
+    return (flat.device.type == "cpu" and codebook.shape[1] <= FUSED_MAX_DIM and not _fused["failed"]
+            and flat.shape[0] * codebook.shape[0] >= FUSED_MIN_SCORES and not torch.compiler.is_compiling())
+
+
+@torch.no_grad()
+def fused_nearest_code(flat: Tensor, codebook: Tensor) -> Tensor | None:
+    """nearest_code by the compiled first_highest_score, in calls of a fixed number of rows (the last chunk
+    padded), so one compile serves every N. None, with a warning once per process, when it cannot be compiled
+    (no C++ compiler, say): the caller falls back to the unfused search. Rows without a result (a NaN) get the
+    unfused search's."""
+    num_codes, dim = codebook.shape
+    if _fused["search"] is None:
+        _fused["search"] = torch.compile(first_highest_score, dynamic=False, fullgraph=True)
+    chunk = max(1, FUSED_CHUNK_SCORES // num_codes)
+    codes_t = codebook.t().contiguous()                                            # (d, K)
+    bias = codebook.pow(2).sum(1).mul_(-0.5)                                       # (K,) b = -||e||^2 / 2
+    code_index = torch.arange(num_codes, dtype=torch.float32)                      # exact up to 2^24 codes
+    rows = torch.zeros(chunk, dim, dtype=torch.float32)
+    found = torch.empty(flat.shape[0], dtype=torch.float32)
+    try:
+        for start in range(0, flat.shape[0], chunk):
+            n = min(chunk, flat.shape[0] - start)
+            rows[:n] = flat[start:start + n]
+            found[start:start + n] = _fused["search"](rows, codes_t, bias, code_index)[:n]
+    except Exception as error:   # the compiler's failures have no common type
+        _fused["failed"] = True
+        warnings.warn(f"the fused codebook search could not be compiled ({type(error).__name__}); "
+                      "using the unfused search", RuntimeWarning)
+        return None
+    indices = found.long()
+    missing = (indices >= num_codes).nonzero().squeeze(1)
+    if len(missing):
+        indices[missing] = chunked_nearest_code(flat[missing], codebook)
+    return indices
 
 
 def code_counts(indices: Tensor, num_codes: int) -> Tensor:

@@ -288,7 +288,7 @@ class _Quantizer(nn.Module):
         flat = self._flat(z)
         if self.training and self._pending_init:
             self._initialize(flat.detach())
-        indices = nearest_code(flat.detach(), self.codebook.detach())              # (N,)
+        indices = nearest_code(flat.detach(), self.codebook.detach(), fused=self.training)   # (N,)
         codes = F.embedding(indices, self.codebook)                               # (N, code_dim)
         return flat, indices, codes
 

@@ -4,28 +4,36 @@
     python benchmarks/bench_search.py --step-before    # also the step with the reference search in place
     python benchmarks/bench_search.py --write          # also writes the results into BENCHMARKS.md
 
-Search: codebook.nearest_code against `reference_nearest_code` (the search as it was before: 64 MiB chunks of
+Search: codebook.nearest_code, unfused (a matrix product per chunk of rows, then a two-stage argmax) and fused
+(`fused=True`, as the training step calls it: the compiled search that never writes the scores, used on a CPU for
+codes of at most 8 dimensions), against `reference_nearest_code` (the search as it was before: 64 MiB chunks of
 ||e||^2 - 2 z.e written by addmm, which first copies ||e||^2 into every row, then argmin over each row) at
 N x K x D = 8192 x 2048 x 4 (a 64 px batch of 32 in the default 4-d cosine lookup), 32768 x 2048 x 4 (128 px),
 8192 x 2048 x 64 (the paper's search in D = 64) and 131072 x 8192 x 4. The 4-d inputs are unit vectors, as the
 cosine lookup searches them; the 64-d ones are Gaussian. Time is the median of interleaved repeats; the peak extra
 memory on a CPU is the growth of the process's peak resident memory (VmHWM, reset through /proc/self/clear_refs
 just before the call) over its resident memory then, each case in a fresh process; on CUDA it is
-torch.cuda.max_memory_allocated over the memory allocated before the call. Both searches must return the same
-indices but for ties; the number of rows where they differ is reported.
+torch.cuda.max_memory_allocated over the memory allocated before the call; the fused search is compiled (by a
+first call) before either is measured. The searches must return the same indices but for ties; the number of rows
+where each differs from the old one is reported. The compile itself is timed apart: the first fused call in a fresh
+process, with an empty compile cache and with the cache the first one left.
 
 Step: train.py's `train()` with every default (the 4-d cosine EMA quantizer, k-means start, restarts) on the
 built-in sample, batch 32, at 64 and 128 px (on a GPU also 128 px batch 128), K = 512 against K = 2048. Each
 configuration runs for two lengths, and its steps/s is the difference in steps over the difference in wall time,
 so the start (data, model, k-means) and the final validation and checkpoint cancel out; the runs take turns
-within each repeat (the median of the repeats is reported). With --step-before the same runs are also made with
+within each repeat (the median of the repeats is reported), after one untimed run of each configuration (which
+compiles the fused search, once per process and K). With --step-before the same runs are also made with
 `reference_nearest_code` patched in.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
+import os
+import subprocess
 import json
 import statistics
 import sys
@@ -48,8 +56,10 @@ from runs import pick_device
 SEARCH_CASES = [(8192, 2048, 4), (32768, 2048, 4), (8192, 2048, 64), (131072, 8192, 4)]
 
 
-def reference_nearest_code(flat: Tensor, codebook: Tensor, max_chunk_elements: int | None = 1 << 24) -> Tensor:
-    """The search as it was: argmin over ||e||^2 - 2 z.e in chunks of at most 2^24 scores (64 MiB)."""
+def reference_nearest_code(flat: Tensor, codebook: Tensor, max_chunk_elements: int | None = 1 << 24,
+                           fused: bool = False) -> Tensor:
+    """The search as it was: argmin over ||e||^2 - 2 z.e in chunks of at most 2^24 scores (64 MiB); `fused` is
+    accepted and ignored, so it can stand in for codebook.nearest_code."""
     flat, codebook = flat.float(), codebook.float()
     num_codes = codebook.shape[0]
     chunk = max(1, (max_chunk_elements or 1 << 24) // num_codes)
@@ -62,7 +72,9 @@ def reference_nearest_code(flat: Tensor, codebook: Tensor, max_chunk_elements: i
     return indices
 
 
-SEARCHES = {"before": reference_nearest_code, "after": codebook.nearest_code}
+SEARCHES = {"before": reference_nearest_code, "unfused": codebook.nearest_code,
+            "fused": functools.partial(codebook.nearest_code, fused=True)}
+STEP_SEARCHES = {"before": reference_nearest_code, "after": codebook.nearest_code}   # as the quantizers call it
 
 
 def sync(device: torch.device) -> None:
@@ -86,6 +98,7 @@ def _status_kb(field: str) -> int:
 def _peak_child(kind: str, n: int, k: int, d: int) -> int:
     """In a fresh process: reset the kernel's peak-RSS mark (VmHWM), search once, read the peak's growth."""
     flat, codes = search_inputs(n, k, d, torch.device("cpu"))
+    SEARCHES[kind](flat, codes)                        # the fused search's compile is not the search's memory
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                                   # Linux: reset VmHWM to the current resident size
     before = _status_kb("VmRSS")
@@ -97,6 +110,7 @@ def search_peak_bytes(kind: str, case: tuple[int, int, int], device: torch.devic
     """Peak extra bytes of one search (bench_report.peak_extra_bytes: a fresh process on the CPU)."""
     def make_call():
         flat, codes = search_inputs(*case, device)
+        SEARCHES[kind](flat, codes)
         return lambda: SEARCHES[kind](flat, codes)
 
     return peak_extra_bytes(device, make_call, f"import bench_search; "
@@ -116,9 +130,30 @@ def bench_search(case: tuple[int, int, int], device: torch.device, repeats: int)
             times[kind].append(time.perf_counter() - start)
     ms = {kind: 1000 * statistics.median(t) for kind, t in times.items()}
     peak = {kind: search_peak_bytes(kind, case, device) / 2**20 for kind in SEARCHES}
-    return {"N": case[0], "K": case[1], "D": case[2], "before_ms": ms["before"], "after_ms": ms["after"],
-            "time_ratio": ms["after"] / ms["before"], "before_peak_mib": peak["before"],
-            "after_peak_mib": peak["after"], "rows_differing": int((indices["before"] != indices["after"]).sum())}
+    row = {"N": case[0], "K": case[1], "D": case[2],
+           "fused_applies": codebook.fused_search_applies(flat, codes)}
+    for kind in SEARCHES:
+        row[f"{kind}_ms"], row[f"{kind}_peak_mib"] = ms[kind], peak[kind]
+        row[f"{kind}_rows_differing"] = int((indices["before"] != indices[kind]).sum())
+        row[f"{kind}_time_ratio"] = ms[kind] / ms["before"]
+    return row
+
+
+def compile_seconds() -> dict:
+    """Seconds of the first fused search (8192 x 2048 x 4) in a fresh process, with an empty compile cache and
+    again with the cache that run left; the same search's own time is well under 0.1 s."""
+    code = ("import time, bench_search, codebook; flat, codes = bench_search.search_inputs(8192, 2048, 4, "
+            "bench_search.torch.device('cpu')); start = time.perf_counter(); "
+            "codebook.nearest_code(flat, codes, fused=True); print(time.perf_counter() - start)")
+    seconds = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for name in ("empty cache", "warm cache"):
+            out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True,
+                                 text=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+            if out.returncode:
+                raise RuntimeError(f"compile-time subprocess failed: {out.stderr.strip()[-500:]}")
+            seconds[name] = float(out.stdout.strip().splitlines()[-1])
+    return seconds
 
 
 @contextlib.contextmanager
@@ -148,9 +183,12 @@ def bench_step(size: int, batch: int, device: torch.device, repeats: int, length
     """steps/s of train() at K = 512 and K = 2048 (for each search in `searches`), from two run lengths."""
     runs = [(search, k) for search in searches for k in (512, 2048)]
     rates: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
+    for search, k in runs:   # untimed: compiles what the timed runs use
+        with search_in_place(STEP_SEARCHES[search]):
+            train_seconds(size, batch, k, lengths[0], device)
     for _ in range(repeats):
         for search, k in runs:
-            with search_in_place(SEARCHES[search]):
+            with search_in_place(STEP_SEARCHES[search]):
                 short, long = (train_seconds(size, batch, k, steps, device) for steps in lengths)
             rates[(search, k)].append((lengths[1] - lengths[0]) / max(long - short, 1e-9))
     row = {"size": size, "batch": batch, "lengths": list(lengths)}
@@ -162,13 +200,18 @@ def bench_step(size: int, batch: int, device: torch.device, repeats: int, length
 
 def report(results: dict) -> str:
     lines = [f"Machine: {results['machine']}; device {results['device']}, {results['threads']} threads.", "",
-             "| N x K x D | before ms | after ms | after / before | before peak MiB | after peak MiB | "
-             "rows differing |",
+             "| N x K x D | before ms | unfused ms | fused ms | fused / before | peak MiB before, unfused, fused | "
+             "rows differing from before: unfused, fused |",
              "|---|---|---|---|---|---|---|"]
     for r in results["search"]:
-        lines.append(f"| {r['N']} x {r['K']} x {r['D']} | {r['before_ms']:.1f} | {r['after_ms']:.1f} | "
-                     f"{r['time_ratio']:.3f} | {r['before_peak_mib']:.1f} | {r['after_peak_mib']:.1f} | "
-                     f"{r['rows_differing']} |")
+        fused = f"{r['fused_ms']:.1f}" if r["fused_applies"] else f"({r['fused_ms']:.1f}: not used)"
+        lines.append(f"| {r['N']} x {r['K']} x {r['D']} | {r['before_ms']:.1f} | {r['unfused_ms']:.1f} | {fused} | "
+                     f"{r['fused_time_ratio']:.3f} | {r['before_peak_mib']:.1f}, {r['unfused_peak_mib']:.1f}, "
+                     f"{r['fused_peak_mib']:.1f} | {r['unfused_rows_differing']}, {r['fused_rows_differing']} |")
+    if results.get("compile"):
+        c = results["compile"]
+        lines += ["", f"The fused search's compile: the first call in a fresh process takes {c['empty cache']:.1f} s "
+                      f"with an empty compile cache, {c['warm cache']:.1f} s with a warm one."]
     lines += ["", "| train.py step | search | steps/s K = 512 | steps/s K = 2048 | step time K = 2048 / K = 512 |",
               "|---|---|---|---|---|"]
     for r in results["step"]:
@@ -185,9 +228,11 @@ def headline(results: dict) -> list[str]:
     lines = []
     for r in results["search"]:
         if (r["N"], r["K"], r["D"]) == (8192, 2048, 4):
-            lines.append(f"search time at 8192 x 2048 x 4, after / before: {r['time_ratio']:.3f}")
+            lines.append(f"search time at 8192 x 2048 x 4 / before: fused {r['fused_time_ratio']:.3f}, "
+                         f"unfused {r['unfused_time_ratio']:.3f}")
         if (r["N"], r["K"], r["D"]) == (131072, 8192, 4):
-            lines.append(f"search peak extra memory at 131072 x 8192 x 4: {r['after_peak_mib']:.1f} MiB")
+            lines.append(f"search peak extra memory at 131072 x 8192 x 4: fused {r['fused_peak_mib']:.1f} MiB, "
+                         f"unfused {r['unfused_peak_mib']:.1f} MiB")
     for r in results["step"]:
         lines.append(f"train.py step time at {r['size']} px batch {r['batch']}, K = 2048 / K = 512: "
                      f"{r['after']['step_time_ratio']:.3f}")
@@ -210,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     results: dict = {"machine": machine(), "device": str(device), "threads": torch.get_num_threads(),
                      "search": [], "step": []}
+    if device.type == "cpu":
+        results["compile"] = compile_seconds()
+        print(json.dumps({"compile": results["compile"]}), flush=True)
     for case in SEARCH_CASES:
         repeats = args.repeats if case[0] * case[1] <= 1 << 26 else max(1, args.repeats // 2)
         results["search"].append(bench_search(case, device, repeats))

@@ -1,12 +1,16 @@
 """The nearest-code search (codebook.nearest_code) and every caller of it against a float64 brute force: random
 inputs, exact ties, every split into chunks and groups of codes, under bf16 autocast; the two-stage argmax
-against torch.argmax; bounded memory however large N x K."""
+against torch.argmax; bounded memory however large N x K; the fused (compiled) search the training step takes, and
+its fallback."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import codebook
 from checkpoint import Config, build_model
 from codebook import argmax_in_groups, kmeans, nearest_code
 from models import VectorQuantizer, VectorQuantizerEMA, flatten_latents
@@ -193,3 +197,116 @@ def test_kmeans_assigns_every_row_to_its_nearest_centre():
     assign = squared_distances(x, start).argmin(1)
     expected = torch.stack([x[assign == i].mean(0) if (assign == i).any() else start[i] for i in range(300)])
     torch.testing.assert_close(centres, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused search (codebook.fused_nearest_code, compiled): what nearest_code(fused=True) runs on a CPU for codes of
+# at most 8 dimensions and at least FUSED_MIN_SCORES scores, as the training step calls it. Here the size floor is
+# lowered so small inputs take it; each distinct (rows per call, D, K) compiles once per process.
+
+@pytest.fixture
+def fused_for_any_size(monkeypatch):
+    """The fused path for inputs of any size, and the unfused one made to fail: a row the fused search answers
+    must not be passed on to the unfused search."""
+    monkeypatch.setattr(codebook, "FUSED_MIN_SCORES", 0)
+
+    def unfused_must_not_run(flat, codes, max_chunk_elements=None):
+        raise AssertionError(f"the unfused search ran on {flat.shape[0]} rows")
+
+    monkeypatch.setattr(codebook, "chunked_nearest_code", unfused_must_not_run)
+
+
+def test_the_fused_search_equals_a_float64_brute_force(fused_for_any_size, monkeypatch):
+    """1000 rows in calls of 64 (the last one partial), K = 300 (not a whole number of vector lanes)."""
+    monkeypatch.setattr(codebook, "FUSED_CHUNK_SCORES", 300 * 64)
+    rows, codes = rows_and_codes(1000, 300, 4, seed=21)
+    assert codebook.fused_search_applies(rows, codes)
+    indices = nearest_code(rows, codes, fused=True)
+    assert_nearest(indices, rows, codes)
+    assert (indices == squared_distances(rows, codes).argmin(1)).float().mean() > 0.99
+
+
+def test_the_fused_search_sends_ties_to_one_of_the_tied(fused_for_any_size):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(65, 4, generator=g)
+    codes = torch.cat([base, base.flip(0), base[:20]])                          # K = 150, every code twice or more
+    a, b = torch.randint(65, (200,), generator=g), torch.randint(65, (200,), generator=g)
+    rows = torch.cat([base, (base[a] + base[b]) / 2, torch.zeros(3, 4)])
+    indices = nearest_code(rows, codes, fused=True)
+    assert_nearest(indices, rows, codes)
+    assert torch.equal(codes[indices[:65]], base)
+
+
+def test_the_fused_search_is_float32_under_bf16_autocast(fused_for_any_size):
+    """8-d codes within 1% of one point (the largest dimension the fused search takes): float32 tells them apart."""
+    g = torch.Generator().manual_seed(7)
+    point = F.normalize(torch.randn(1, 8, generator=g), dim=1)
+    codes, rows = point + 0.01 * torch.randn(300, 8, generator=g), point + 0.01 * torch.randn(500, 8, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_nearest(nearest_code(rows, codes, fused=True), rows, codes, tol=1e-7)
+
+
+def test_a_row_the_fused_search_cannot_answer_gets_the_unfused_searchs_code(monkeypatch):
+    """A NaN row has no highest score: it alone goes to the unfused search, and every index stays in range."""
+    monkeypatch.setattr(codebook, "FUSED_MIN_SCORES", 0)
+    monkeypatch.setattr(codebook, "FUSED_CHUNK_SCORES", 300 * 64)
+    calls = []
+    unfused = codebook.chunked_nearest_code
+    monkeypatch.setattr(codebook, "chunked_nearest_code", lambda flat, codes: calls.append(len(flat)) or
+                        unfused(flat, codes))
+    rows, codes = rows_and_codes(1000, 300, 4, seed=22)
+    rows[5, 1], rows[700] = float("nan"), float("nan")
+    indices = nearest_code(rows, codes, fused=True)
+    assert calls == [2]
+    assert ((indices >= 0) & (indices < 300)).all()
+    keep = torch.ones(1000, dtype=torch.bool)
+    keep[[5, 700]] = False
+    assert_nearest(indices[keep], rows[keep], codes)
+
+
+def test_the_fused_search_falls_back_with_one_warning_when_it_cannot_be_compiled(monkeypatch):
+    monkeypatch.setattr(codebook, "FUSED_MIN_SCORES", 0)
+    calls = []
+
+    def no_compiler(*args):
+        calls.append(1)
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setitem(codebook._fused, "search", no_compiler)
+    monkeypatch.setitem(codebook._fused, "failed", False)
+    rows, codes = rows_and_codes(500, 300, 4, seed=23)
+    with pytest.warns(RuntimeWarning, match="could not be compiled"):
+        indices = nearest_code(rows, codes, fused=True)
+    assert_nearest(indices, rows, codes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_nearest(nearest_code(rows, codes, fused=True), rows, codes)
+    assert len(calls) == 1 and not codebook.fused_search_applies(rows, codes)
+
+
+def test_the_training_step_and_only_it_takes_the_fused_search(monkeypatch):
+    """The default quantizer (K = 2048, cosine, the 4-d lookup) in training mode takes the fused path once its
+    search reaches FUSED_MIN_SCORES, with the nearest codes; below that size, in eval mode (evaluate, encode,
+    extract_codes), in D = 64 dimensions and on the k-means start it does not."""
+    monkeypatch.setattr(codebook, "FUSED_MIN_SCORES", 2048 * 480)
+    fused_rows = []
+    fused = codebook.fused_nearest_code
+    monkeypatch.setattr(codebook, "fused_nearest_code", lambda flat, codes: fused_rows.append(len(flat)) or
+                        fused(flat, codes))
+    torch.manual_seed(24)
+    vq = VectorQuantizerEMA(2048, 16, cosine=True, lookup_dim=4, kmeans_init=True)
+    z = torch.randn(4, 16, 12, 10)                                              # 480 rows
+    flat, codes = reference_search_space(vq, z)
+    with torch.no_grad():
+        vq.eval()(z)                                                            # what evaluate.py runs
+    vq.nearest_indices(z)                                                       # encode, extract_codes, the codec
+    assert fused_rows == []
+    with torch.no_grad():
+        vq.train()(z[:3])                                                       # k-means, then 360 rows: too few
+        assert fused_rows == []
+        flat, codes = reference_search_space(vq, z)
+        out = vq(z)
+    assert fused_rows == [480] and not codebook._fused["failed"]
+    assert_nearest(out.indices.flatten(), flat, codes)
+    VectorQuantizerEMA(2048, 64).train()(torch.randn(4, 64, 12, 10))
+    assert fused_rows == [480]

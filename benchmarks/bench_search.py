@@ -18,6 +18,10 @@ first call) before either is measured. The searches must return the same indices
 where each differs from the old one is reported. The compile itself is timed apart: the first fused call in a fresh
 process, with an empty compile cache and with the cache the first one left.
 
+Quantizer: the default quantizer (EMA, cosine, the 4-d lookup, restarts; D = 64) in training mode at N = 8192 and
+32768 (batches of 32 at 64 and 128 px), K = 512 and 2048: its forward and backward, the same with the search
+replaced by fixed indices (what else grows with K), and the EMA update, the restarts and the code counts alone.
+
 Step: train.py's `train()` with every default (the 4-d cosine EMA quantizer, k-means start, restarts) on the
 built-in sample, batch 32, at 64 and 128 px (on a GPU also 128 px batch 128), K = 512 against K = 2048. Each
 configuration runs for two lengths, and its steps/s is the difference in steps over the difference in wall time,
@@ -139,6 +143,43 @@ def bench_search(case: tuple[int, int, int], device: torch.device, repeats: int)
     return row
 
 
+def bench_quantizer(repeats: int) -> list[dict]:
+    """ms of the default quantizer's training forward + backward, with and without its search, and of its parts."""
+    from checkpoint import build_model
+
+    def median_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times)
+
+    rows = []
+    for batch, side in [(32, 16), (32, 32)]:
+        for k in (512, 2048):
+            torch.manual_seed(0)
+            vq = build_model(Config(num_embeddings=k, kmeans_init=False)).quantizer.train()
+            z = torch.randn(batch, vq.embedding_dim, side, side, requires_grad=True)
+            fixed = torch.randint(k, (batch * side * side,))
+
+            def step():
+                out = vq(z)
+                (out.quantized.sum() + out.loss).backward()
+
+            with_search = median_ms(step)
+            with search_in_place(lambda flat, codes, fused=False: fixed):
+                without = median_ms(step)
+            with torch.no_grad():
+                flat = vq._flat(z)
+            rows.append({"N": len(fixed), "K": k, "step_ms": with_search, "without_search_ms": without,
+                         "ema_ms": median_ms(lambda: vq._ema_update(flat, fixed)),
+                         "restart_ms": median_ms(lambda: vq._restart_dead_codes(flat, vq.cluster_size)),
+                         "counts_ms": median_ms(lambda: codebook.code_counts(fixed, k))})
+    return rows
+
+
 def compile_seconds() -> dict:
     """Seconds of the first fused search (8192 x 2048 x 4) in a fresh process, with an empty compile cache and
     again with the cache that run left; the same search's own time is well under 0.1 s."""
@@ -212,6 +253,12 @@ def report(results: dict) -> str:
         c = results["compile"]
         lines += ["", f"The fused search's compile: the first call in a fresh process takes {c['empty cache']:.1f} s "
                       f"with an empty compile cache, {c['warm cache']:.1f} s with a warm one."]
+    if results.get("quantizer"):
+        lines += ["", "| quantizer, training | forward + backward ms | without the search ms | EMA update ms | "
+                      "restarts ms | code counts ms |", "|---|---|---|---|---|---|"]
+        for r in results["quantizer"]:
+            lines.append(f"| N = {r['N']}, K = {r['K']} | {r['step_ms']:.2f} | {r['without_search_ms']:.2f} | "
+                         f"{r['ema_ms']:.2f} | {r['restart_ms']:.2f} | {r['counts_ms']:.3f} |")
     lines += ["", "| train.py step | search | steps/s K = 512 | steps/s K = 2048 | step time K = 2048 / K = 512 |",
               "|---|---|---|---|---|"]
     for r in results["step"]:
@@ -262,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         repeats = args.repeats if case[0] * case[1] <= 1 << 26 else max(1, args.repeats // 2)
         results["search"].append(bench_search(case, device, repeats))
         print(json.dumps({"search": results["search"][-1]}), flush=True)
+    if device.type == "cpu":
+        results["quantizer"] = bench_quantizer(3 * args.repeats)
+        print(json.dumps({"quantizer": results["quantizer"]}), flush=True)
     if not args.no_step:
         short, long = (int(s) for s in args.lengths.split(","))
         short128, long128 = (int(s) for s in args.lengths_128.split(","))

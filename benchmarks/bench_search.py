@@ -294,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", default="5,25", help="the two run lengths in steps at 64 px (and on a GPU at 128 px "
                                                       "batch 128)")
     p.add_argument("--lengths-128", default="2,10", help="the two run lengths in steps at 128 px batch 32")
+    p.add_argument("--steps-at", default=None, help="the step's sizes and batches, e.g. 128x128 (default: 64x32 and "
+                                                      "128x32, and on a GPU also 128x128)")
     p.add_argument("--step-before", action="store_true", help="also time the step with the reference search")
     p.add_argument("--no-step", action="store_true", help="time the search only")
     p.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
@@ -318,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         configs = [(64, 32, (short, long)), (128, 32, (short128, long128))]
         if device.type == "cuda":
             configs.append((128, 128, (short, long)))
+        if args.steps_at:
+            wanted = [tuple(int(v) for v in item.split("x")) for item in args.steps_at.split(",")]
+            configs = [(size, batch, (short128, long128) if (size, batch) == (128, 32) else (short, long))
+                       for size, batch in wanted]
         searches = ["after", "before"] if args.step_before else ["after"]
         for size, batch, lengths in configs:
             results["step"].append(bench_step(size, batch, device, args.step_repeats, lengths, searches))

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU check in one command, for a GPU machine with its own torch (no pipenv): the CUDA tests, a short train.py +
-# evaluate.py run on CUDA, torchrun with NCCL on one GPU, bench.py's GPU section and bench_data.py on CUDA.
+# evaluate.py run on CUDA, torchrun with NCCL on one GPU, bench.py's GPU section, bench_search.py (the search, and
+# the step at K = 512 and 2048, 128 px batch 128) and bench_data.py on CUDA.
 #
 #     bash benchmarks/gpu_checks.sh [OUT_FOLDER]          # default: $OUT if set (the device tool's folder), else gpu_out/
 #
-# Each step runs under its own timeout (420 s at most in all, 7 minutes) and writes its log into the folder; the last
+# Each step runs under its own timeout (430 s at most in all, about 7 minutes) and writes its log into the folder; the last
 # lines of summary.txt say which steps passed. A failing step does not stop the others.
 set -u
 cd "$(dirname "$0")/.."   # the repository root
@@ -26,7 +27,7 @@ step() {   # step NAME SECONDS COMMAND...
 step machine 20 bash -c 'nvidia-smi; python3 -c "import torch, torchvision, sys; print(sys.version); \
 print(torch.__version__, torchvision.__version__, torch.cuda.get_device_name(), \
 torch.cuda.is_bf16_supported(including_emulation=False))"'
-step cuda_tests 170 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step train_cuda 40 python3 train.py --device cuda --steps 300 --eval-every 300 --no-progress --out "$out/run" \
     --overwrite
 step evaluate_cuda 20 python3 evaluate.py --checkpoint "$out/run/checkpoint.pt" --device cuda
@@ -37,8 +38,11 @@ step train_levels2_cuda 30 python3 train.py --device cuda --levels 2 --image-siz
 # finished section is printed as one JSON line as it ends
 step bench_gpu 80 python3 benchmarks/bench.py --device cuda --repeats 3 --steps-per-repeat 5 --e2e-steps 100 \
     --json "$out/bench.json"
+# the search's lines come first; the step's line (two K, three runs) last
+step bench_search_gpu 40 python3 benchmarks/bench_search.py --device cuda --repeats 3 --step-repeats 1 \
+    --steps-at 128x128 --lengths 5,25 --json "$out/bench_search.json"
 if [ -f benchmarks/bench_data.py ]; then
-    step bench_data_gpu 60 python3 benchmarks/bench_data.py --device cuda --images 1000 --image-size 128 --repeats 1 \
+    step bench_data_gpu 50 python3 benchmarks/bench_data.py --device cuda --images 1000 --image-size 128 --repeats 1 \
         --steps 100 --copy-dir "$out/food101-copy" --json "$out/bench_data.json"
 fi
 echo "total: $SECONDS s" | tee -a "$summary"

@@ -106,8 +106,9 @@ _fused = {"search": None, "failed": False}   # the compiled first_highest_score,
 
 def fused_search_applies(flat: Tensor, codebook: Tensor) -> bool:
     """Whether nearest_code(fused=True) takes the compiled path for these inputs (see nearest_code)."""
-    return (flat.device.type == "cpu" and codebook.shape[1] <= FUSED_MAX_DIM and not _fused["failed"]
-            and flat.shape[0] * codebook.shape[0] >= FUSED_MIN_SCORES and not torch.compiler.is_compiling())
+    return (flat.device.type == "cpu" and codebook.shape[1] <= FUSED_MAX_DIM and codebook.shape[0] < 1 << 24
+            and flat.shape[0] * codebook.shape[0] >= FUSED_MIN_SCORES and not _fused["failed"]
+            and not torch.compiler.is_compiling())   # float32 holds the indices of fewer than 2^24 codes exactly
 
 
 @torch.no_grad()

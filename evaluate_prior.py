@@ -20,7 +20,9 @@ The method, step by step:
    D values as independent Gaussians whose mean is the decoder's output in pixel units, 255 * (decode(z) + 0.5),
    with one scale sigma for all, discretised to the 256 levels (level 0 takes the tail below 0.5, level 255 the
    tail above 254.5). The Gaussian is the likelihood the VQ-VAE's MSE objective assumes; sigma is fitted by maximum
-   likelihood on the TRAINING images (one un-augmented pass) and evaluated on the VALIDATION images. The bound is
+   likelihood on the TRAINING images (one un-augmented pass over all of them, or over an evenly spaced subset
+   holding at most 2000 x 3 x 64 x 64 pixel values, so the fit's memory stays bounded at large sizes) and evaluated
+   on the VALIDATION images. The bound is
    printed for three priors with the same decoder term: uniform (ln K nats per code, what the VQ-VAE's training
    assumes), unigram, and the trained prior (keyed by its arch, "pixelcnn" or "transformer"; `arch` names it).
 
@@ -141,15 +143,26 @@ def check_codes_agree(differ: int, positions: int, limit: float = CODE_MISMATCH_
                       f"here", stacklevel=2)
 
 
+FIT_VALUES = 2000 * 3 * 64 * 64   # sigma's fit holds at most this many pixel values: 2000 images at 64 px
+
+
+def fit_subset(train: torch.utils.data.Dataset, values_per_image: int, max_values: int = FIT_VALUES) -> list[int]:
+    """Evenly spaced indices of the training images sigma is fitted on: all of them, or as many as hold at most
+    `max_values` pixel values (at least one), so the fit's memory (9 bytes a value) stays bounded at any size."""
+    count = max(1, min(len(train), max_values // values_per_image))
+    return [i * len(train) // count for i in range(count)]
+
+
 def decoder_term(vqvae, vq_config, data: str, val_maps: list[Tensor], device: torch.device,
-                 max_fit_images: int = 2000, batch_size: int = 64) -> dict:
-    """The decoder's NLL -ln p(x | z) in nats per validation image of `data`, with sigma fitted on its training
-    images; `val_maps`: the codes file's validation maps of each level, top first, which z must equal."""
+                 max_fit_values: int = FIT_VALUES, batch_size: int = 64) -> dict:
+    """The decoder's NLL -ln p(x | z) in nats per validation image of `data`, with sigma fitted on (an evenly
+    spaced subset of, see fit_subset) its training images; `val_maps`: the codes file's validation maps of each
+    level, top first, which z must equal."""
     splits = build_data(data, vq_config.image_size, vq_config.data_root, download=False,
                         val_fraction=vq_config.val_fraction, prepared_dir=vq_config.prepared_dir)
-    # fit sigma on (an evenly spaced subset of) the training split, un-augmented
-    step = max(1, len(splits.train) // max_fit_images)
-    subset = torch.utils.data.Subset(splits.train, range(0, len(splits.train), step))
+    # fit sigma on the training split, un-augmented
+    indices = fit_subset(splits.train, 3 * vq_config.image_size ** 2, max_fit_values)
+    subset = torch.utils.data.Subset(splits.train, indices)
     xs, means = [], []
     for images, _ in eval_loader(subset, batch_size):
         if len(images):

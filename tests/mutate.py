@@ -62,6 +62,7 @@ RESUME_FIELDS = f"{R2R}::test_a_resume_that_changes_a_field_that_must_stay_stops
 SIGNALS = ("tests/test_reliability.py::"
            "test_sigterm_or_ctrl_c_saves_a_checkpoint_at_the_step_it_stopped_and_says_how_to_resume")
 SIGMA = f"{R2R}::test_the_decoder_term_fits_sigma_on_the_training_images_and_scores_the_validation_images"
+SIGMA_SUBSET = f"{R2R}::test_the_sigma_fit_takes_evenly_spaced_training_images_holding_at_most_its_pixel_values"
 MUTATIONS = [
     # ---- the quantizers' maths (README "The model")
     Mutation("nearest-code-distance", "The model", "codebook.py",
@@ -643,11 +644,15 @@ MUTATIONS = [
              "reconstruction = to_image_scale(out.reconstruction, clamp=False)",
              (f"{R2R}::test_evaluate_scores_reconstructions_clamped_to_0_1",)),
     Mutation("sigma-fitted-on-validation", "Generation", "evaluate_prior.py",
-             "subset = torch.utils.data.Subset(splits.train, range(0, len(splits.train), step))",
+             "subset = torch.utils.data.Subset(splits.train, indices)",
              "subset = torch.utils.data.Subset(splits.val, range(len(splits.val)))", (SIGMA,)),
     Mutation("sigma-fitted-on-both-splits", "Generation", "evaluate_prior.py",
-             "subset = torch.utils.data.Subset(splits.train, range(0, len(splits.train), step))",
+             "subset = torch.utils.data.Subset(splits.train, indices)",
              "subset = torch.utils.data.ConcatDataset([splits.train, splits.val])", (SIGMA,)),
+    Mutation("sigma-fit-on-the-first-images", "Generation", "evaluate_prior.py",
+             "return [i * len(train) // count for i in range(count)]", "return list(range(count))", (SIGMA_SUBSET,)),
+    Mutation("sigma-fit-unbounded", "Generation", "evaluate_prior.py",
+             "count = max(1, min(len(train), max_values // values_per_image))", "count = len(train)", (SIGMA_SUBSET,)),
 ]
 
 

@@ -180,6 +180,34 @@ def test_the_decoder_term_fits_sigma_on_the_training_images_and_scores_the_valid
     assert report["decoder_nats_per_image"] == pytest.approx(nats, rel=1e-6)
 
 
+def test_the_sigma_fit_takes_evenly_spaced_training_images_holding_at_most_its_pixel_values(run, tmp_path):
+    """Six training images of growing noise (each alone fits another sigma) and room for four: the fit is SciPy's
+    on images 0, 1, 3 and 4 of the training split, not on the first four or on all six."""
+    root = tmp_path / "photos"
+    rng = np.random.default_rng(5)
+    for i in range(6):
+        save_array(root / "train" / f"t{i}.png", np.clip(128 + rng.normal(0, 6 * (i + 1), (16, 16, 3)), 0, 255))
+    save_array(root / "val" / "v0.png", rng.integers(100, 141, (16, 16, 3)))
+    model, config, _ = load_checkpoint(run / "checkpoint.pt")
+    config.data_root, config.prepared_dir = str(tmp_path / "root"), ""
+    splits = build_data(str(root), 16, config.data_root, download=False, prepared_dir="")
+    pixels = np.stack([splits.train[i][0].permute(1, 2, 0).double().numpy() / 255 for i in range(6)])  # uint8 in
+    assert len(splits.val) == 1
+    with torch.no_grad():
+        val_maps = [model.encode(splits.val[0][0][None].float() / 255 - 0.5)]
+    dec = evaluate_prior.decoder_term(model, config, str(root), val_maps, torch.device("cpu"),
+                                      max_fit_values=4 * 3 * 16 * 16 + 100)
+    assert dec["fit_images"] == 4
+    x, mean = decoder_means(model, pixels[[0, 1, 3, 4]])
+    assert dec["sigma"] == pytest.approx(best_sigma(x, mean), rel=1e-4)
+    for other in ([0, 1, 2, 3], list(range(6))):
+        assert abs(math.log(best_sigma(*decoder_means(model, pixels[other])) / dec["sigma"])) > 0.01
+    assert evaluate_prior.fit_subset(range(6), 3 * 16 * 16) == list(range(6))           # room for all: all
+    chosen = evaluate_prior.fit_subset(range(3999), 1, 2000)                             # room for 2000 of 3999
+    gaps = np.diff(chosen)
+    assert len(chosen) == 2000 and chosen[0] == 0 and chosen[-1] >= 3996 and gaps.min() >= 1 and gaps.max() <= 2
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # "The model's own flags (--hidden-channels, --num-embeddings, ...), the data, --image-size, --batch-size and --seed
 # must stay as they were; a change stops with one error: line that names the flag"

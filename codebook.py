@@ -128,9 +128,9 @@ def fused_nearest_code(flat: Tensor, codebook: Tensor) -> Tensor | None:
     found = torch.empty(flat.shape[0], dtype=torch.float32)
     try:
         for start in range(0, flat.shape[0], chunk):
-            n = min(chunk, flat.shape[0] - start)
-            rows[:n] = flat[start:start + n]
-            found[start:start + n] = _fused["search"](rows, codes_t, bias, code_index)[:n]
+            end = min(start + chunk, flat.shape[0])
+            rows[:end - start] = flat[start:end]
+            found[start:end] = _fused["search"](rows, codes_t, bias, code_index)[:end - start]
     except Exception as error:   # the compiler's failures have no common type
         _fused["failed"] = True
         warnings.warn(f"the fused codebook search could not be compiled ({type(error).__name__}); "

@@ -25,6 +25,24 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def optimizer_lrs(monkeypatch) -> list:
+    """train.py's optimizer made an Adam that appends its learning rate to the returned list at every step."""
+    import torch
+
+    import train
+
+    seen = []
+
+    class Recording(torch.optim.Adam):
+        def step(self, closure=None):
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(train, "make_optimizer", lambda params, lr, device: Recording(params, lr=lr))
+    return seen
+
+
 @pytest.fixture(scope="session")
 def gloo_runs(tmp_path_factory) -> Path:
     """One torchrun start of two gloo CPU processes (batch 4 each) that trains the tiny runs of tests/ddp_worker.py

@@ -36,7 +36,7 @@ import train_prior
 from checkpoint import Config, learning_rate, load_checkpoint
 from image_data import build_data, find_images
 from test_prepared import expected_images, images_of
-from test_promises_runs import TINY, TINY_FLAGS, call_main, one_error_line, pixels_of, save_array
+from test_promises_runs import TINY, TINY_FLAGS, call_main, make_folder, one_error_line, pixels_of, save_array
 
 
 @pytest.fixture
@@ -53,13 +53,7 @@ def plain_warnings(monkeypatch):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("round2") / "photos"
-    rng = np.random.default_rng(1)
-    for i in range(6):
-        save_array(root / "train" / f"t{i}.png", rng.integers(0, 256, (16, 16, 3)))
-    for i in range(3):
-        save_array(root / "val" / f"v{i}.png", rng.integers(100, 141, (16, 16, 3)))
-    return root
+    return make_folder(tmp_path_factory.mktemp("round2") / "photos", seed=1)
 
 
 RUN_FLAGS = [*TINY_FLAGS, "--quantizer", "vq", "--steps", "2", "--eval-every", "2"]
@@ -391,19 +385,12 @@ def test_seed_batch_size_and_amp_reach_the_step(folder, tmp_path, monkeypatch):
     assert not torch.allclose(batches[0][0], batches[1][0], atol=0.05)       # another first batch
 
 
-def test_the_warm_up_applies_to_the_constant_schedule_too(folder, tmp_path, monkeypatch):
+def test_the_warm_up_applies_to_the_constant_schedule_too(folder, tmp_path, optimizer_lrs):
     """--lr-schedule constant --warmup-steps 3 --lr 0.02: 0.02/3, 0.04/3, then 0.02 at every step, by hand, both
     from the schedule and as the learning rate of each optimizer step."""
     c = tiny_run(folder, tmp_path / "run", steps=5, eval_every=5, lr=0.02, lr_schedule="constant", warmup_steps=3)
     by_hand = [0.02 / 3, 0.04 / 3, 0.02, 0.02, 0.02]
     assert [learning_rate(c, s) for s in range(5)] == pytest.approx(by_hand)
-    seen = []
-
-    class Recording(torch.optim.Adam):
-        def step(self, closure=None):
-            seen.append(self.param_groups[0]["lr"])
-            return super().step(closure)
-
-    monkeypatch.setattr(train, "make_optimizer", lambda params, lr, device: Recording(params, lr=lr))
+    seen = optimizer_lrs
     train.train(c)
     assert seen == pytest.approx(by_hand)

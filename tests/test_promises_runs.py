@@ -41,9 +41,9 @@ def save_array(path: Path, pixels: np.ndarray) -> Path:
     return path
 
 
-def make_folder(root: Path) -> Path:
+def make_folder(root: Path, seed: int = 0) -> Path:
     """train/ with 6 full-range 16x16 images, val/ with 3 in a narrow band (a much smaller variance)."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for i in range(6):
         save_array(root / "train" / f"t{i}.png", rng.integers(0, 256, (16, 16, 3)))
     for i in range(3):

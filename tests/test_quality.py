@@ -96,19 +96,12 @@ def test_the_learning_rate_schedule_by_hand():
     assert all(learning_rate(paper, s) == 2e-4 for s in (0, 500, 999))
 
 
-def test_the_schedule_reaches_the_optimizer_and_a_resumed_run_continues_it(tmp_path, monkeypatch):
+def test_the_schedule_reaches_the_optimizer_and_a_resumed_run_continues_it(tmp_path, optimizer_lrs):
     c = Config(data="sample", image_size=16, steps=6, batch_size=4, hidden_channels=8, residual_channels=4,
                num_residual_blocks=1, embedding_dim=4, num_embeddings=16, eval_every=3, log_every=1, lr=1e-2,
                warmup_steps=2, lr_schedule="cosine", out=str(tmp_path / "whole"), progress=False, device="cpu",
                amp="off", num_workers=0)
-    seen = []
-
-    class Recording(torch.optim.Adam):
-        def step(self, closure=None):
-            seen.append(self.param_groups[0]["lr"])
-            return super().step(closure)
-
-    monkeypatch.setattr(train, "make_optimizer", lambda params, lr, device: Recording(params, lr=lr))
+    seen = optimizer_lrs
     whole = train.train(c)
     by_hand = [1e-2 / 2, 1e-2] + [1e-2 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
     assert seen == pytest.approx(by_hand)

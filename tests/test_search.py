@@ -310,3 +310,13 @@ def test_the_training_step_and_only_it_takes_the_fused_search(monkeypatch):
     assert_nearest(out.indices.flatten(), flat, codes)
     VectorQuantizerEMA(2048, 64).train()(torch.randn(4, 64, 12, 10))
     assert fused_rows == [480]
+
+
+def test_the_fused_search_serves_training_from_a_64_px_batch_of_32_at_the_default_k():
+    """With the module's own size floor, as docs/codebook.md says: the default 4-d lookup at K = 2048 takes it for
+    a 64 px batch of 32 (8192 rows) and a 128 px one (32768); the quick start's 64 px batch of 8 and D = 64 do not."""
+    codes = F.normalize(torch.randn(2048, 4), dim=1)
+    assert codebook.fused_search_applies(torch.randn(32 * 16 * 16, 4), codes)
+    assert codebook.fused_search_applies(torch.randn(32 * 32 * 32, 4), codes)
+    assert not codebook.fused_search_applies(torch.randn(8 * 16 * 16, 4), codes)
+    assert not codebook.fused_search_applies(torch.randn(32 * 16 * 16, 64), torch.randn(2048, 64))
